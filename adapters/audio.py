@@ -1,0 +1,232 @@
+"""Audio adapters: a torchaudio front end and three kinds of encoder.
+
+- `audio_cnn`: a small conv net on the log-mel spectrogram (the compact-student default);
+- `audio_timm`: any timm model reading the log-mel spectrogram as a 1-channel image;
+- `audio_wav2vec2` / `audio_hubert`: torchaudio's wav2vec2 / HuBERT builders on raw waveforms.
+
+Raw audio is `(waveform, sample_rate)`: a float array shaped (samples,) or (samples, channels),
+as `soundfile.read` returns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from .base import ADAPTERS, Adapter, Batch, Preprocessor
+from .timm_backbone import create_backbone
+from mmkd.errors import ConfigError, DataError
+from mmkd.io import load_state_file
+
+
+def clip_samples(cfg: DictConfig) -> int:
+    return round(cfg.clip_seconds * cfg.sample_rate)
+
+
+class AudioPreprocessor(Preprocessor):
+    """Mono, resample, centre crop / zero pad, then (for `logmel`) log-mel + SpecAugment."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: DictConfig, output: str) -> None:
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(settings, dict)
+        settings["output"] = output
+        super().__init__(settings, randomized_in_training=output == "logmel" and cfg.spec_augment)
+        self.cfg = settings
+        self.output = output  # "logmel" | "waveform"
+        self.num_samples = clip_samples(cfg)
+        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels,
+        )
+        self.to_db = torchaudio.transforms.AmplitudeToDB(top_db=80.0)
+        self.masking = nn.Sequential(
+            torchaudio.transforms.FrequencyMasking(cfg.freq_mask),
+            torchaudio.transforms.TimeMasking(cfg.time_mask),
+        )
+
+    def waveform(self, raw: Any) -> Tensor:
+        """Checked, mono, resampled, fixed-length waveform (samples,)."""
+        try:
+            samples, rate = raw
+        except (TypeError, ValueError):
+            raise DataError("audio must be a (waveform, sample_rate) pair") from None
+        wave = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+        if wave.ndim == 2:
+            if wave.shape[1] > 1 and not self.cfg["downmix"]:
+                raise DataError(f"audio has {wave.shape[1]} channels; the model reads mono "
+                                "(set audio.downmix=true to average them)")
+            wave = wave.mean(dim=1)
+        if wave.ndim != 1 or wave.numel() == 0:
+            raise DataError(f"audio has shape {tuple(np.shape(samples))}; expected (samples,) "
+                            "or (samples, channels) with at least one sample")
+        if not torch.isfinite(wave).all():
+            raise DataError("audio contains NaN or Inf")
+        target = self.cfg["sample_rate"]
+        if rate != target:
+            if not self.cfg["resample"]:
+                raise DataError(f"audio is at {rate} Hz; the model expects {target} Hz "
+                                "(set audio.resample=true to resample)")
+            if rate not in self._resamplers:
+                self._resamplers[rate] = torchaudio.transforms.Resample(int(rate), target)
+            wave = self._resamplers[rate](wave)
+        return fit_length(wave, self.num_samples)
+
+    def __call__(self, raw: Any, *, train: bool) -> Tensor:
+        wave = self.waveform(raw)
+        if self.output == "waveform":
+            return wave
+        with torch.no_grad():
+            logmel = self.to_db(self.melspec(wave)).unsqueeze(0)  # (1, n_mels, frames)
+            logmel = (logmel - logmel.mean()) / (logmel.std() + 1e-5)
+            if train and self.cfg["spec_augment"]:
+                logmel = self.masking(logmel)
+        return logmel
+
+    def collate(self, items: list[Tensor]) -> Batch:
+        key = "waveform" if self.output == "waveform" else "logmel"
+        return {key: torch.stack(items)}
+
+
+def fit_length(wave: Tensor, num_samples: int) -> Tensor:
+    """Centre crop or symmetric zero pad to exactly `num_samples`."""
+    excess = wave.numel() - num_samples
+    if excess > 0:
+        start = excess // 2
+        return wave[start : start + num_samples]
+    if excess < 0:
+        left = -excess // 2
+        return torch.nn.functional.pad(wave, (left, -excess - left))
+    return wave
+
+
+class LogMelAdapter(Adapter):
+    """Shared parts of the adapters that read a log-mel spectrogram."""
+
+    modality = "audio"
+
+    def make_preprocessor(self) -> AudioPreprocessor:
+        return AudioPreprocessor(self.spec.audio, "logmel")
+
+    def encode(self, batch: Batch) -> Tensor:
+        return self.encoder(batch["logmel"])
+
+    def example_batch(self, batch_size: int = 1) -> Batch:
+        cfg = self.spec.audio
+        frames = clip_samples(cfg) // cfg.hop_length + 1
+        return {"logmel": torch.zeros(batch_size, 1, cfg.n_mels, frames)}
+
+
+class ConvNet(nn.Sequential):
+    """Conv(3x3)-BN-ReLU-MaxPool blocks, then global average pooling."""
+
+    def __init__(self, channels: list[int], dropout: float) -> None:
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for out_ch in channels:
+            layers += [
+                nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            in_ch = out_ch
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
+        super().__init__(*layers)
+
+
+@ADAPTERS.register("audio_cnn")
+class AudioCnnAdapter(LogMelAdapter):
+    """A small conv net over the log-mel spectrogram (`cnn.channels`)."""
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        channels = list(self.spec.cnn.channels)
+        return ConvNet(channels, self.spec.cnn.dropout), channels[-1]
+
+
+@ADAPTERS.register("audio_timm")
+class AudioTimmAdapter(LogMelAdapter):
+    """Any timm model (`timm.model`) reading the log-mel spectrogram as a 1-channel image."""
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        return create_backbone(self.spec.timm, in_chans=1, key=self.key)
+
+
+# torchaudio.models.wav2vec2_base / hubert_base architectures; `wav2vec2.overrides` edit them
+WAV2VEC2_BASE: dict[str, Any] = {
+    "extractor_mode": "group_norm",
+    "extractor_conv_layer_config": None,
+    "extractor_conv_bias": False,
+    "encoder_embed_dim": 768,
+    "encoder_projection_dropout": 0.1,
+    "encoder_pos_conv_kernel": 128,
+    "encoder_pos_conv_groups": 16,
+    "encoder_num_layers": 12,
+    "encoder_num_heads": 12,
+    "encoder_attention_dropout": 0.1,
+    "encoder_ff_interm_features": 3072,
+    "encoder_ff_interm_dropout": 0.0,
+    "encoder_dropout": 0.1,
+    "encoder_layer_norm_first": False,
+    "encoder_layer_drop": 0.1,
+    "aux_num_out": None,
+}
+HUBERT_BASE = {**WAV2VEC2_BASE, "encoder_layer_drop": 0.05}
+
+
+class WaveformAdapter(Adapter):
+    """torchaudio's wav2vec2-family encoder on raw waveforms, mean-pooled over frames."""
+
+    modality = "audio"
+    preset: dict[str, Any] = WAV2VEC2_BASE
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        overrides = OmegaConf.to_container(self.spec.wav2vec2.overrides, resolve=True)
+        assert isinstance(overrides, dict)
+        unknown = sorted(set(overrides) - set(self.preset))
+        if unknown:
+            raise ConfigError(f"{self.key}.wav2vec2.overrides: unknown {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(self.preset))}")
+        params = {**self.preset, **overrides}
+        if params["extractor_conv_layer_config"] is not None:
+            params["extractor_conv_layer_config"] = [
+                tuple(layer) for layer in params["extractor_conv_layer_config"]
+            ]
+        model = torchaudio.models.wav2vec2_model(**params)
+        if self.spec.wav2vec2.weights_file:
+            state = load_state_file(self.spec.wav2vec2.weights_file)
+            model.load_state_dict(state)
+        return model, params["encoder_embed_dim"]
+
+    def make_preprocessor(self) -> AudioPreprocessor:
+        return AudioPreprocessor(self.spec.audio, "waveform")
+
+    def encode(self, batch: Batch) -> Tensor:
+        wave = batch["waveform"]
+        wave = (wave - wave.mean(dim=1, keepdim=True)) / (wave.std(dim=1, keepdim=True) + 1e-5)
+        frames, _ = self.encoder(wave)  # (B, frames, encoder_embed_dim)
+        return frames.mean(dim=1)
+
+    def example_batch(self, batch_size: int = 1) -> Batch:
+        return {"waveform": torch.zeros(batch_size, clip_samples(self.spec.audio))}
+
+
+@ADAPTERS.register("audio_wav2vec2")
+class Wav2Vec2Adapter(WaveformAdapter):
+    """torchaudio wav2vec2 (base architecture unless `wav2vec2.overrides` say otherwise)."""
+
+    preset = WAV2VEC2_BASE
+
+
+@ADAPTERS.register("audio_hubert")
+class HubertAdapter(WaveformAdapter):
+    """torchaudio HuBERT (base architecture unless `wav2vec2.overrides` say otherwise)."""
+
+    preset = HUBERT_BASE

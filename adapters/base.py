@@ -1,0 +1,172 @@
+"""The adapter interface every modality implements, its registry, and the shared projection head.
+
+An adapter is preprocessing + encoder + head. The preprocessing lives in a separate, light
+`Preprocessor` object so that DataLoader workers can be handed it without the weights.
+
+    preprocessor = adapter.make_preprocessor()
+    batch = preprocessor.collate([preprocessor(raw, train=False) for raw in samples])
+    out = adapter(batch)          # AdapterOutput: embedding (B, D) L2-normed, logits, features
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from mmkd.registry import Registry
+
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class AdapterOutput:
+    embedding: Tensor  # (B, D), L2-normalised: the shared space
+    features: Tensor  # (B, F), pooled encoder output before the head
+    logits: Tensor | None  # (B, C) when the head has a classifier
+
+
+class Preprocessor(ABC):
+    """Turns one raw sample of a modality into model input; `collate` batches them.
+
+    Must be picklable and hold no model weights: DataLoader workers receive a copy.
+    """
+
+    modality: ClassVar[str]
+
+    def __init__(self, settings: dict[str, Any], *, randomized_in_training: bool) -> None:
+        #: plain values that fully determine the output for a given input
+        self.settings = settings
+        #: True when `__call__(raw, train=True)` draws random augmentations
+        self.randomized_in_training = randomized_in_training
+
+    @abstractmethod
+    def __call__(self, raw: Any, *, train: bool) -> Any: ...
+
+    @abstractmethod
+    def collate(self, items: list[Any]) -> Batch: ...
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the output for a given input (keys the teacher cache)."""
+        return {"class": type(self).__name__, "settings": self.settings}
+
+
+class ProjectionHead(nn.Module):
+    """Features -> shared space (linear or 2-layer MLP, then L2 norm) and an optional classifier."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dim: int | None,
+        num_classes: int | None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        if embed_dim is None:
+            self.proj: nn.Module = nn.Identity()
+            self.embed_dim = in_dim
+        elif hidden_dim:
+            self.proj = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim)
+            )
+            self.embed_dim = embed_dim
+        else:
+            self.proj = nn.Linear(in_dim, embed_dim)
+            self.embed_dim = embed_dim
+        self.classifier = nn.Linear(in_dim, num_classes) if num_classes else None
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+        features = self.dropout(features)
+        embedding = F.normalize(self.proj(features), dim=-1)
+        logits = self.classifier(features) if self.classifier is not None else None
+        return embedding, logits
+
+
+class Adapter(nn.Module, ABC):
+    """Base class: subclasses build the encoder and the preprocessor for their modality."""
+
+    modality: ClassVar[str]
+
+    def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
+        super().__init__()
+        self.spec = spec
+        self.key = key  # the config key of this model, for error messages
+        self.encoder, feature_dim = self.build_encoder()
+        self.feature_dim = feature_dim
+        head = spec.head
+        self.head = ProjectionHead(
+            feature_dim,
+            head.embed_dim,
+            head.num_classes if head.classifier else None,
+            head.hidden_dim,
+            head.dropout,
+        )
+        self.encoder_frozen = False
+
+    # ---- what each modality provides
+    @abstractmethod
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        """Return (encoder, pooled feature dimension)."""
+
+    @abstractmethod
+    def make_preprocessor(self) -> Preprocessor: ...
+
+    @abstractmethod
+    def encode(self, batch: Batch) -> Tensor:
+        """Pooled features (B, F) for a collated batch."""
+
+    @abstractmethod
+    def example_batch(self, batch_size: int = 1) -> Batch:
+        """A batch of the right shape and dtype (for latency timing and export)."""
+
+    # ---- shared behaviour
+    @property
+    def embed_dim(self) -> int:
+        return self.head.embed_dim
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.head.classifier.out_features if self.head.classifier is not None else None
+
+    def forward(self, batch: Batch) -> AdapterOutput:
+        features = self.encode(batch)
+        embedding, logits = self.head(features)
+        return AdapterOutput(embedding=embedding, features=features, logits=logits)
+
+    def freeze_encoder(self) -> None:
+        """Lock the encoder (no grad, eval mode kept); only the head trains."""
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.encoder_frozen = True
+
+    def export_spec(self, folder: Path) -> DictConfig:
+        """The spec saved beside exported weights. Pretrained sources are switched off (the
+        weights file holds the weights); subclasses save extra assets (tokenizer) to `folder`."""
+        spec = OmegaConf.create(OmegaConf.to_container(self.spec, resolve=True))
+        spec.weights = None
+        spec.timm.pretrained = False
+        spec.timm.pretrained_file = None
+        spec.text.pretrained = False
+        spec.wav2vec2.weights_file = None
+        return spec
+
+    def train(self, mode: bool = True) -> Adapter:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the sequence axis of (B, T, F) where mask (B, T) is 1."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -1,0 +1,59 @@
+"""Build an adapter from its spec: registry lookup, weights, freezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmkd.errors import CheckpointError
+from mmkd.io import load_state_file
+
+from .base import ADAPTERS, Adapter
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_SPEC = "adapter.yaml"
+
+
+def weights_file(weights: str) -> Path:
+    """The weights file behind `weights`: an exported model folder or a file."""
+    path = Path(weights)
+    return path / EXPORT_WEIGHTS if path.is_dir() else path
+
+
+def load_export_spec(folder: str | Path) -> DictConfig:
+    """The adapter spec of an exported model folder, with its asset paths made absolute."""
+    from mmkd.config.schema import AdapterSpec
+
+    folder = Path(folder)
+    spec_file = folder / EXPORT_SPEC
+    if not spec_file.is_file():
+        raise CheckpointError(f"{folder}: no {EXPORT_SPEC}; expected a run's exported model "
+                              "folder (RUN_DIR/student)")
+    try:
+        spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
+    except Exception as err:  # yaml or schema error: the file is damaged or from another version
+        raise CheckpointError(f"{spec_file}: cannot be read as an adapter spec ({err})") from None
+    model = Path(spec.text.model)
+    if not model.is_absolute() and (folder / model).exists():
+        spec.text.model = str((folder / model).resolve())
+    return spec
+
+
+def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
+    """Instantiate `spec.adapter`, load `spec.weights` if set, freeze the encoder if asked."""
+    adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
+    adapter = adapter_cls(spec, key=key)
+    if spec.weights:
+        path = weights_file(spec.weights)
+        state = load_state_file(path)
+        missing, unexpected = adapter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{key}.weights: {path} does not match the {spec.adapter} adapter "
+                f"(missing {len(missing)} keys, e.g. {missing[:3]}; "
+                f"unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
+            )
+    if spec.freeze_encoder:
+        adapter.freeze_encoder()
+    return adapter

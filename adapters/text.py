@@ -1,0 +1,107 @@
+"""Text adapter: a transformers encoder (AutoModel) and its tokenizer, mean or CLS pooling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
+from mmkd.errors import ConfigError, DataError
+
+TEXT_ASSETS = "text"  # folder of an export holding the tokenizer and model config
+
+
+def load_tokenizer(cfg: DictConfig, key: str) -> Any:
+    source = cfg.tokenizer or cfg.model
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}.text.tokenizer: cannot load a tokenizer from {source!r}: "
+                          f"{str(err).splitlines()[0]}") from None
+
+
+def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
+    """Pretrained weights from a hub id / local folder, or a random init from its config."""
+    overrides = OmegaConf.to_container(cfg.config_overrides, resolve=True)
+    assert isinstance(overrides, dict)
+    remote = cfg.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}.text.model: cannot load {cfg.model!r}: "
+                          f"{str(err).splitlines()[0]}") from None
+    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    if unknown:
+        raise ConfigError(f"{key}.text.config_overrides: {type(config).__name__} has no "
+                          f"{', '.join(unknown)}")
+    config.update(overrides)
+    if cfg.pretrained:
+        return AutoModel.from_pretrained(cfg.model, config=config, trust_remote_code=remote)
+    return AutoModel.from_config(config, trust_remote_code=remote)
+
+
+class TextPreprocessor(Preprocessor):
+    modality = "text"
+
+    def __init__(self, tokenizer: Any, max_length: int, source: str) -> None:
+        super().__init__({"tokenizer": source, "max_length": max_length},
+                         randomized_in_training=False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, raw: Any, *, train: bool) -> str:
+        if not isinstance(raw, str):
+            raise DataError(f"text must be a string, got {type(raw).__name__}")
+        if not raw.strip():
+            raise DataError("text is empty")
+        return raw
+
+    def collate(self, items: list[str]) -> Batch:
+        encoded = self.tokenizer(items, padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask",
+                                                          "token_type_ids")}
+
+
+@ADAPTERS.register("text")
+class TextAdapter(Adapter):
+    """A transformers encoder. `text.model` is a hub id or a local folder."""
+
+    modality = "text"
+
+    def build_encoder(self) -> tuple[nn.Module, int]:
+        cfg = self.spec.text
+        self.tokenizer = load_tokenizer(cfg, self.key)
+        model = load_text_model(cfg, self.key)
+        return model, model.config.hidden_size
+
+    def export_spec(self, folder: Path) -> DictConfig:
+        """Save the tokenizer and model config beside the weights so the export stands alone."""
+        spec = super().export_spec(folder)
+        self.tokenizer.save_pretrained(folder / TEXT_ASSETS)
+        self.encoder.config.save_pretrained(folder / TEXT_ASSETS)
+        spec.text.model = TEXT_ASSETS  # relative to the export folder
+        spec.text.tokenizer = None
+        spec.text.config_overrides = {}
+        return spec
+
+    def make_preprocessor(self) -> TextPreprocessor:
+        cfg = self.spec.text
+        return TextPreprocessor(self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model))
+
+    def encode(self, batch: Batch) -> Tensor:
+        hidden = self.encoder(**batch).last_hidden_state
+        if self.spec.text.pooling == "cls":
+            return hidden[:, 0]
+        return masked_mean(hidden, batch["attention_mask"])
+
+    def example_batch(self, batch_size: int = 1) -> Batch:
+        length = min(16, self.spec.text.max_length)
+        ids = torch.full((batch_size, length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        ids[:, 0] = self.tokenizer.cls_token_id or 0
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

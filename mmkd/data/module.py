@@ -1,0 +1,145 @@
+"""Batching for several models at once, and the LightningDataModule.
+
+Each model (a *role*: "teacher", "student", "extra_students.NAME") gets its own preprocessing of
+the modality it reads, so a batch holds one input per role:
+
+    {"inputs": {role: {...tensors...}}, "labels": LongTensor (absent when withheld),
+     "ids": [sample ids], "skipped": int}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from mmkd.adapters.base import Preprocessor
+from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit
+from mmkd.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class RoleCollate:
+    """Preprocess every raw sample once per role and batch the results.
+
+    A sample that fails (missing modality, undecodable input, label outside the class set)
+    raises `DataError` naming the sample, or is dropped and counted under on_error=skip.
+    """
+
+    def __init__(
+        self,
+        preprocessors: Mapping[str, Preprocessor],
+        *,
+        train: bool,
+        keep_labels: bool,
+        num_classes: int,
+        on_error: str = "raise",
+    ) -> None:
+        self.preprocessors = dict(preprocessors)
+        self.train = train
+        self.keep_labels = keep_labels
+        self.num_classes = num_classes
+        self.on_error = on_error
+
+    def prepare(self, sample: RawSample) -> dict[str, Any]:
+        out = {}
+        for role, pre in self.preprocessors.items():
+            if pre.modality not in sample:
+                raise DataError(f"has no {pre.modality!r} (needed by {role})")
+            out[role] = pre(sample[pre.modality], train=self.train)
+        label = sample.get("label")
+        if label is not None and self.num_classes and not 0 <= label < self.num_classes:
+            raise DataError(f"label {label} is outside the {self.num_classes} classes")
+        return out
+
+    def __call__(self, samples: list[RawSample | Skipped]) -> dict[str, Any]:
+        prepared: list[dict[str, Any]] = []
+        kept: list[RawSample] = []
+        skipped = 0
+        for sample in samples:
+            if isinstance(sample, Skipped):
+                log.warning("skipped sample %s: %s", sample.id, sample.reason)
+                skipped += 1
+                continue
+            try:
+                prepared.append(self.prepare(sample))
+            except DataError as err:
+                if self.on_error != "skip":
+                    raise DataError(f"sample {sample.get('id')}: {err}") from None
+                log.warning("skipped sample %s: %s", sample.get("id"), err)
+                skipped += 1
+                continue
+            kept.append(sample)
+        batch: dict[str, Any] = {
+            "inputs": {
+                role: pre.collate([p[role] for p in prepared]) if prepared else {}
+                for role, pre in self.preprocessors.items()
+            },
+            "ids": [s["id"] for s in kept],
+            "skipped": skipped,
+        }
+        labels = [s.get("label") for s in kept]
+        if self.keep_labels and kept and all(label is not None for label in labels):
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Train / val / test loaders over `splits`, preprocessed per role."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        splits: DatasetSplits,
+        train_preprocessors: Mapping[str, Preprocessor],
+        eval_preprocessors: Mapping[str, Preprocessor],
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.splits = splits
+        self.train_preprocessors = dict(train_preprocessors)
+        self.eval_preprocessors = dict(eval_preprocessors)
+        self.train_set = limit(splits.train, cfg.max_train_samples, seed)
+        self.val_set = limit(splits.val, cfg.max_eval_samples, seed)
+        self.test_set = limit(splits.test, cfg.max_eval_samples, seed)
+
+    def _collate(self, train: bool) -> RoleCollate:
+        return RoleCollate(
+            self.train_preprocessors if train else self.eval_preprocessors,
+            train=train,
+            keep_labels=self.cfg.train_labels or not train,
+            num_classes=self.splits.num_classes,
+            on_error=self.cfg.on_error,
+        )
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        batch_size = self.cfg.batch_size if train else (self.cfg.eval_batch_size
+                                                        or self.cfg.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=self._collate(train),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

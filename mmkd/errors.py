@@ -1,0 +1,17 @@
+"""Exceptions with messages meant for people: each names the config key, file or sample at fault."""
+
+
+class MMKDError(Exception):
+    """Base class for errors mmkd reports to the user without a traceback."""
+
+
+class ConfigError(MMKDError):
+    """A config value is unknown, mistyped, out of range or inconsistent with another one."""
+
+
+class DataError(MMKDError):
+    """A sample, file or manifest row cannot be used; the message says which one and why."""
+
+
+class CheckpointError(MMKDError):
+    """A checkpoint, export or cache file is missing, truncated or does not match the run."""

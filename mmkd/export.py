@@ -1,0 +1,104 @@
+"""Export a trained model to a self-contained folder, and load it back with no training code.
+
+    RUN_DIR/student/
+        adapter.yaml              the adapter spec (architecture, preprocessing)
+        model.safetensors         the weights (encoder + head)
+        meta.json                 modality, embedding size, class names
+        class_embeddings.safetensors   zero-shot classifier (when trained into a text space)
+        text/                     tokenizer and model config (text models only)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from mmkd import __version__
+from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
+from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
+from mmkd.errors import CheckpointError
+from mmkd.io import atomic_dir, load_state_file, save_state
+
+META = "meta.json"
+CLASS_EMBEDDINGS = "class_embeddings.safetensors"
+
+
+def export_model(
+    model: Adapter,
+    folder: str | Path,
+    *,
+    class_names: list[str] | None = None,
+    class_embeddings: Tensor | None = None,
+) -> Path:
+    """Write `model` to `folder` atomically (the old folder stays until the new one is whole)."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        spec = model.export_spec(tmp)
+        (tmp / EXPORT_SPEC).write_text(OmegaConf.to_yaml(spec))
+        save_state(tmp / EXPORT_WEIGHTS, model.state_dict())
+        meta = {
+            "mmkd_version": __version__,
+            "adapter": spec.adapter,
+            "modality": model.modality,
+            "embed_dim": model.embed_dim,
+            "num_classes": model.num_classes,
+            "class_names": list(class_names or []),
+            "zero_shot": class_embeddings is not None,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        if class_embeddings is not None:
+            save_state(tmp / CLASS_EMBEDDINGS, {"class_embeddings": class_embeddings})
+    return folder
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: call it on raw samples of its modality."""
+
+    model: Adapter
+    preprocessor: Preprocessor
+    class_names: list[str]
+    class_embeddings: Tensor | None
+
+    @torch.inference_mode()
+    def __call__(self, raw_samples: list[Any]) -> AdapterOutput:
+        items = [self.preprocessor(raw, train=False) for raw in raw_samples]
+        return self.model(self.preprocessor.collate(items))
+
+    def scores(self, out: AdapterOutput) -> Tensor | None:
+        """Class scores: the classifier head, else zero-shot against the stored class prompts."""
+        if out.logits is not None:
+            return out.logits
+        if self.class_embeddings is not None:
+            return out.embedding @ self.class_embeddings.T
+        return None
+
+    def classify(self, raw_samples: list[Any]) -> list[str]:
+        scores = self.scores(self(raw_samples))
+        if scores is None or not self.class_names:
+            raise ValueError("this model has neither a classifier nor zero-shot class prompts")
+        return [self.class_names[i] for i in scores.argmax(-1).tolist()]
+
+
+def load_exported(folder: str | Path) -> ExportedModel:
+    """Load RUN_DIR/student (or any export folder) in eval mode, on the CPU."""
+    folder = Path(folder)
+    spec = load_export_spec(folder)
+    spec.weights = str(folder)
+    spec.freeze_encoder = False
+    model = build_adapter(spec, key=str(folder)).eval()
+    meta_file = folder / META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    embeddings = None
+    if (folder / CLASS_EMBEDDINGS).is_file():
+        state = load_state_file(folder / CLASS_EMBEDDINGS)
+        if "class_embeddings" not in state:
+            raise CheckpointError(f"{folder / CLASS_EMBEDDINGS}: no 'class_embeddings' tensor")
+        embeddings = state["class_embeddings"]
+    return ExportedModel(model, model.make_preprocessor(), meta.get("class_names", []), embeddings)

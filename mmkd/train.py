@@ -1,0 +1,146 @@
+"""`python train.py [experiment=NAME] [group=name ...] [key.path=value ...]`: build, fit, test, export.
+
+A finished run writes to run.dir:
+    config.yaml    the resolved config
+    checkpoints/   Lightning checkpoints (student state only)
+    logs/          metrics.csv (training curves)
+    student/       the exported student (see mmkd.export)
+    metrics.json   final test metrics, written last
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from mmkd.config import compose, validate
+from mmkd.data import build_splits
+from mmkd.data.base import class_prompts
+from mmkd.data.module import DistillDataModule
+from mmkd.errors import MMKDError
+from mmkd.export import export_model
+from mmkd.io import write_json, write_text
+from mmkd.latency import count_parameters, cpu_latency_ms
+from mmkd.models import build_models
+from mmkd.module import DistillModule
+from mmkd.report import format_summary
+
+log = logging.getLogger("mmkd")
+
+RUN_DIR_ENV = "MMKD_RUN_DIR"  # shares a generated run dir with DDP worker processes
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """run.dir, or runs/<name>-<timestamp> chosen once and shared with spawned workers."""
+    if not cfg.run.dir:
+        chosen = os.environ.get(RUN_DIR_ENV) or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.environ[RUN_DIR_ENV] = chosen
+        cfg.run.dir = chosen
+    return Path(cfg.run.dir)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    t = cfg.trainer
+    kwargs: dict[str, Any] = OmegaConf.to_container(t, resolve=True)  # type: ignore[assignment]
+    extra = kwargs.pop("extra")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+    )
+    return pl.Trainer(
+        **kwargs,
+        **extra,
+        default_root_dir=str(run_dir),
+        callbacks=[checkpoint],
+        logger=CSVLogger(save_dir=str(run_dir), name="", version="logs"),
+    )
+
+
+def first_test_batch(datamodule: DistillDataModule) -> dict[str, Any]:
+    for batch in datamodule.test_dataloader():
+        if batch["ids"]:
+            return batch["inputs"]
+    raise MMKDError("the test split has no usable sample to time the models on")
+
+
+def measure_models(module: DistillModule, datamodule: DistillDataModule, seconds: float
+                   ) -> dict[str, float]:
+    """Parameter counts and CPU latency (batch 1, one real test sample) of every model."""
+    inputs = first_test_batch(datamodule)
+    models = dict(module.students.items())
+    if module.teacher is not None:
+        models["teacher"] = module.teacher
+    out: dict[str, float] = {}
+    for role, model in models.items():
+        out[f"{role}/params"] = count_parameters(model)
+        out[f"{role}/latency_ms"] = cpu_latency_ms(model, inputs[role], seconds)
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment end to end and return its final metrics."""
+    validate(cfg)
+    run_dir = resolve_run_dir(cfg)
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    splits = build_splits(cfg.data, cfg.run.seed)
+    teacher, students = build_models(cfg, splits)
+    prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
+    module = DistillModule(cfg, teacher, students, splits.class_names, prompts)
+    eval_pre = {role: model.make_preprocessor() for role, model in students.items()}
+    if teacher is not None:
+        eval_pre["teacher"] = teacher.make_preprocessor()
+    train_pre = {role: pre for role, pre in eval_pre.items()
+                 if role != "teacher" or module.uses_teacher}
+    datamodule = DistillDataModule(cfg.data, splits, train_pre, eval_pre, seed=cfg.run.seed)
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if cfg.run.resume and last.is_file() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics: dict[str, float] = {}
+    if cfg.run.test:
+        for result in trainer.test(module, datamodule=datamodule, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    if not trainer.is_global_zero:
+        return metrics
+    if cfg.run.export:
+        export_model(module.students["student"], run_dir / "student",
+                     class_names=splits.class_names, class_embeddings=module.class_embeddings)
+        for role in list(module.students)[1:]:
+            export_model(module.students[role], run_dir / f"student_{role}",
+                         class_names=splits.class_names,
+                         class_embeddings=module.class_embeddings)
+    metrics.update(measure_models(module, datamodule, cfg.run.latency_seconds))
+    write_json(run_dir / "metrics.json", metrics)
+    print(format_summary(metrics, run_dir))
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: compose the config from `argv`, train, print the summary."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        train(compose(args))
+    except MMKDError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
