@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
 from .timm_backbone import create_backbone
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import load_state_file
 
 
@@ -202,7 +202,14 @@ class WaveformAdapter(Adapter):
         model = torchaudio.models.wav2vec2_model(**params)
         if self.spec.wav2vec2.weights_file:
             state = load_state_file(self.spec.wav2vec2.weights_file)
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:  # missing / unexpected keys or other shapes
+                detail = str(err).splitlines()[1:2] or [str(err)]
+                raise CheckpointError(
+                    f"{self.key}.wav2vec2.weights_file: {self.spec.wav2vec2.weights_file} "
+                    f"does not match the model ({detail[0].strip()[:300]})"
+                ) from None
         return model, params["encoder_embed_dim"]
 
     def make_preprocessor(self) -> AudioPreprocessor:

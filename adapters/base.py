@@ -170,3 +170,13 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean over the sequence axis of (B, T, F) where mask (B, T) is 1."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def class_scores(out: AdapterOutput, class_embeddings: Tensor | None) -> Tensor | None:
+    """Class scores: the classifier head, else zero-shot (cosine to each class prompt's
+    embedding in the shared space), else None."""
+    if out.logits is not None:
+        return out.logits
+    if class_embeddings is not None and out.embedding.shape[-1] == class_embeddings.shape[-1]:
+        return out.embedding @ class_embeddings.to(out.embedding.dtype).T
+    return None

@@ -47,7 +47,12 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     if spec.weights:
         path = weights_file(spec.weights)
         state = load_state_file(path)
-        missing, unexpected = adapter.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = adapter.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # same names, other shapes (e.g. another num_classes)
+            detail = str(err).splitlines()[1:2] or [str(err)]
+            raise CheckpointError(f"{key}.weights: {path} does not match the {spec.adapter} "
+                                  f"adapter ({detail[0].strip()})") from None
         if missing or unexpected:
             raise CheckpointError(
                 f"{key}.weights: {path} does not match the {spec.adapter} adapter "

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mmkd import __version__
 from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
+from mmkd.adapters.base import class_scores
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
 from mmkd.errors import CheckpointError
 from mmkd.io import atomic_dir, load_state_file, save_state
@@ -71,16 +72,9 @@ class ExportedModel:
         items = [self.preprocessor(raw, train=False) for raw in raw_samples]
         return self.model(self.preprocessor.collate(items))
 
-    def scores(self, out: AdapterOutput) -> Tensor | None:
-        """Class scores: the classifier head, else zero-shot against the stored class prompts."""
-        if out.logits is not None:
-            return out.logits
-        if self.class_embeddings is not None:
-            return out.embedding @ self.class_embeddings.T
-        return None
-
     def classify(self, raw_samples: list[Any]) -> list[str]:
-        scores = self.scores(self(raw_samples))
+        """Class names: by the classifier head, or zero-shot by the nearest class prompt."""
+        scores = class_scores(self(raw_samples), self.class_embeddings)
         if scores is None or not self.class_names:
             raise ValueError("this model has neither a classifier nor zero-shot class prompts")
         return [self.class_names[i] for i in scores.argmax(-1).tolist()]

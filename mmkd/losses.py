@@ -56,7 +56,9 @@ def contrastive_loss(
 
 
 def _normalised_distances(x: Tensor) -> Tensor:
-    d = torch.cdist(x, x)
+    # cdist's default matrix-product path (used above 25 rows) leaves small non-zero values
+    # on the diagonal, which `d > 0` would then count in the mean: compute it directly
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     positive = d[d > 0]
     return d / positive.mean() if positive.numel() else d
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,16 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from mmkd.adapters import Adapter, AdapterOutput
+from mmkd.adapters.base import class_scores
+from mmkd.cache import TeacherCache, open_or_build
+from mmkd.data.module import RoleCollate
 from mmkd.errors import MMKDError
 from mmkd.losses import DistillLoss
 
@@ -35,15 +33,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    return MetricCollection({
-        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-        "precision": MulticlassPrecision(num_classes, average="macro"),
-        "recall": MulticlassRecall(num_classes, average="macro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    })
 
 
 class DistillModule(pl.LightningModule):
@@ -75,15 +64,8 @@ class DistillModule(pl.LightningModule):
             {role: MulticlassAccuracy(num_classes, average="micro") for role in students}
             if num_classes else {}
         )
-        test_roles = [*students, "teacher"] if teacher is not None else list(students)
-        self.test_metrics = nn.ModuleDict(
-            {role: classification_metrics(num_classes) for role in test_roles}
-            if num_classes else {}
-        )
-        self.agreement = nn.ModuleDict({role: MeanMetric() for role in students})
-        self.cosine = nn.ModuleDict({role: MeanMetric() for role in students})
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
-        self.teacher_targets = None  # optional TeacherCache serving stored teacher outputs
+        self.teacher_targets: TeacherCache | None = None  # stored outputs when distill.cache
 
     # ------------------------------------------------------------------ teacher handling
     @property
@@ -122,9 +104,23 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.compute_class_embeddings()
+        if self.cfg.distill.cache and self.uses_teacher:
+            self.teacher_targets = self.open_teacher_cache()
 
-    def on_test_start(self) -> None:
-        self.compute_class_embeddings()
+    def open_teacher_cache(self) -> TeacherCache:
+        """Global rank 0 builds the cache entry if it is missing or damaged; every rank reads it."""
+        datamodule = self.trainer.datamodule
+        cfg = self.cfg
+        root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
+        collate = RoleCollate({"teacher": self.teacher.make_preprocessor()}, train=False,
+                              keep_labels=False, num_classes=0, on_error=cfg.data.on_error)
+        folder, _ = open_or_build(
+            root, self.teacher, datamodule.train_set, collate, datamodule.identity(),
+            batch_size=datamodule.eval_batch_size, device=self.device,
+            build=self.trainer.is_global_zero, num_workers=cfg.data.num_workers,
+        )
+        self.trainer.strategy.barrier("teacher-cache")
+        return TeacherCache.open(folder)
 
     # ------------------------------------------------------------------ distributed helpers
     def gather(self, x: Tensor) -> tuple[Tensor, int]:
@@ -139,15 +135,6 @@ class DistillModule(pl.LightningModule):
         return rows, sum(sizes[: dist.get_rank()])
 
     # ------------------------------------------------------------------ steps
-    def predictions(self, out: AdapterOutput) -> Tensor | None:
-        """Class scores: the classifier head, else zero-shot against the class prompts."""
-        if out.logits is not None:
-            return out.logits
-        prompts = self.class_embeddings
-        if prompts is not None and out.embedding.shape[-1] == prompts.shape[-1]:
-            return out.embedding @ prompts.to(out.embedding.dtype).T
-        return None
-
     def student_losses(self, batch: dict[str, Any], teacher: tuple[Tensor, Tensor | None] | None,
                        gather: Any = None) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
         labels = batch.get("labels")
@@ -220,7 +207,7 @@ class DistillModule(pl.LightningModule):
         total = 0.0
         for role, out, terms in self.student_losses(batch, teacher):
             total = total + self.losses[role].total(terms)
-            preds = self.predictions(out)
+            preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:
                 self.val_accuracy[role].update(preds, labels)
                 name = "val/accuracy" if role == "student" else f"val/{role}/accuracy"
@@ -233,45 +220,6 @@ class DistillModule(pl.LightningModule):
         with torch.no_grad():
             out = self.teacher(batch["inputs"]["teacher"])
         return out.embedding, out.logits
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log_skipped(batch, "test")
-        size = len(batch["ids"])
-        if not size:
-            return
-        labels = batch.get("labels")
-        teacher_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = self.teacher(batch["inputs"]["teacher"])
-            self.update_classification("teacher", teacher_out, labels, size)
-        for role, student in self.students.items():
-            out = student(batch["inputs"][role])
-            self.update_classification(role, out, labels, size)
-            if teacher_out is not None:
-                self.update_agreement(role, out, teacher_out, size)
-
-    def update_classification(self, role: str, out: AdapterOutput, labels: Tensor | None,
-                              size: int) -> None:
-        preds = self.predictions(out)
-        if role not in self.test_metrics or preds is None or labels is None:
-            return
-        metrics = self.test_metrics[role]
-        metrics.update(preds, labels)
-        self.log_dict({f"{role}/{name}": metric for name, metric in metrics.items()},
-                      batch_size=size)
-
-    def update_agreement(self, role: str, out: AdapterOutput, teacher: AdapterOutput,
-                         size: int) -> None:
-        student_preds, teacher_preds = self.predictions(out), self.predictions(teacher)
-        if student_preds is not None and teacher_preds is not None:
-            same = (student_preds.argmax(-1) == teacher_preds.argmax(-1)).float()
-            self.agreement[role].update(same)
-            self.log(f"{role}/teacher_agreement", self.agreement[role], batch_size=size)
-        if out.embedding.shape[-1] == teacher.embedding.shape[-1]:
-            cos = F.cosine_similarity(out.embedding.float(), teacher.embedding.float(), dim=-1)
-            self.cosine[role].update(cos)
-            self.log(f"{role}/teacher_cosine", self.cosine[role], batch_size=size)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

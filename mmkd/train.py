@@ -30,9 +30,10 @@ from mmkd.data.module import DistillDataModule
 from mmkd.errors import MMKDError
 from mmkd.export import export_model
 from mmkd.io import write_json, write_text
-from mmkd.latency import count_parameters, cpu_latency_ms
+from mmkd.evaluate import evaluate_models
 from mmkd.models import build_models
 from mmkd.module import DistillModule
+from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
 
 log = logging.getLogger("mmkd")
@@ -69,27 +70,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
-def first_test_batch(datamodule: DistillDataModule) -> dict[str, Any]:
-    for batch in datamodule.test_dataloader():
-        if batch["ids"]:
-            return batch["inputs"]
-    raise MMKDError("the test split has no usable sample to time the models on")
-
-
-def measure_models(module: DistillModule, datamodule: DistillDataModule, seconds: float
-                   ) -> dict[str, float]:
-    """Parameter counts and CPU latency (batch 1, one real test sample) of every model."""
-    inputs = first_test_batch(datamodule)
-    models = dict(module.students.items())
-    if module.teacher is not None:
-        models["teacher"] = module.teacher
-    out: dict[str, float] = {}
-    for role, model in models.items():
-        out[f"{role}/params"] = count_parameters(model)
-        out[f"{role}/latency_ms"] = cpu_latency_ms(model, inputs[role], seconds)
-    return out
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment end to end and return its final metrics."""
     validate(cfg)
@@ -102,8 +82,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     eval_pre = {role: model.make_preprocessor() for role, model in students.items()}
     if teacher is not None:
         eval_pre["teacher"] = teacher.make_preprocessor()
-    train_pre = {role: pre for role, pre in eval_pre.items()
-                 if role != "teacher" or module.uses_teacher}
+    live_teacher = module.uses_teacher and not cfg.distill.cache  # else no teacher input needed
+    train_pre = {role: pre for role, pre in eval_pre.items() if role != "teacher" or live_teacher}
     datamodule = DistillDataModule(cfg.data, splits, train_pre, eval_pre, seed=cfg.run.seed)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
@@ -112,20 +92,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.run.resume and last.is_file() else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if not trainer.is_global_zero:  # rank 0 alone evaluates and writes the outputs
+        return {}
+    return finish(cfg, run_dir, module, datamodule)
+
+
+def finish(cfg: DictConfig, run_dir: Path, module: DistillModule,
+           datamodule: DistillDataModule) -> dict[str, float]:
+    """Export, evaluate on the test split, plot, write metrics.json last, print the summary."""
+    class_names = datamodule.splits.class_names
+    if cfg.run.export:
+        for role, student in module.students.items():
+            folder = "student" if role == "student" else f"student_{role}"
+            export_model(student, run_dir / folder, class_names=class_names,
+                         class_embeddings=module.class_embeddings)
+    plot_training_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "training.png")
     metrics: dict[str, float] = {}
     if cfg.run.test:
-        for result in trainer.test(module, datamodule=datamodule, verbose=False):
-            metrics.update({k: float(v) for k, v in result.items()})
-    if not trainer.is_global_zero:
-        return metrics
-    if cfg.run.export:
-        export_model(module.students["student"], run_dir / "student",
-                     class_names=splits.class_names, class_embeddings=module.class_embeddings)
-        for role in list(module.students)[1:]:
-            export_model(module.students[role], run_dir / f"student_{role}",
-                         class_names=splits.class_names,
-                         class_embeddings=module.class_embeddings)
-    metrics.update(measure_models(module, datamodule, cfg.run.latency_seconds))
+        models = dict(module.students.items())
+        if module.teacher is not None:
+            models["teacher"] = module.teacher
+        metrics = evaluate_models(
+            models, datamodule.test_dataloader(), class_names=class_names,
+            class_embeddings=module.class_embeddings, out_dir=run_dir / "plots",
+            latency_seconds=cfg.run.latency_seconds, device=module.device,
+        )
     write_json(run_dir / "metrics.json", metrics)
     print(format_summary(metrics, run_dir))
     return metrics

@@ -12,7 +12,6 @@ A `defaults:` entry is `group: name` (load configs/group/name.yaml into that key
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,23 +54,11 @@ def describe_config_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _guess(key: str, cfg: DictConfig) -> str:
-    parent, _, leaf = key.rpartition(".")
-    try:
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        options = list(node.keys()) if isinstance(node, DictConfig) else []
-    except OmegaConfBaseException:
-        options = []
-    match = difflib.get_close_matches(leaf, [str(o) for o in options], n=1)
-    return f" Did you mean {'.'.join(filter(None, [parent, match[0]]))!r}?" if match else ""
-
-
 def _merge(cfg: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or ""
-        raise ConfigError(f"{source}: {describe_config_error(err)}.{_guess(key, cfg)}") from None
+        raise ConfigError(f"{source}: {describe_config_error(err)}") from None
 
 
 def _load_yaml(path: Path, what: str) -> DictConfig:

@@ -84,7 +84,10 @@ def _check_range(cfg: DictConfig, key: str, positive: bool, prefix: str = "") ->
 
 
 def _check_adapter(key: str, spec: DictConfig) -> None:
+    from mmkd.adapters import ADAPTERS  # heavy import (timm, transformers): only when validating
+
     prefix = f"{key}."
+    ADAPTERS.get(spec.adapter, key=f"{prefix}adapter")
     for sub, allowed in ADAPTER_CHOICES.items():
         _check_choice(spec, sub, allowed, prefix)
     for sub in ADAPTER_POSITIVE:

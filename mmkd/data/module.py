@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from mmkd.adapters.base import Preprocessor
@@ -107,9 +107,22 @@ class DistillDataModule(pl.LightningDataModule):
         self.splits = splits
         self.train_preprocessors = dict(train_preprocessors)
         self.eval_preprocessors = dict(eval_preprocessors)
+        self.seed = seed
         self.train_set = limit(splits.train, cfg.max_train_samples, seed)
         self.val_set = limit(splits.val, cfg.max_eval_samples, seed)
         self.test_set = limit(splits.test, cfg.max_eval_samples, seed)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.cfg.eval_batch_size or self.cfg.batch_size
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the training samples (keys the teacher cache)."""
+        data = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(data, dict)
+        for loader_only in ("batch_size", "eval_batch_size", "num_workers", "on_error"):
+            data.pop(loader_only, None)
+        return {"data": data, "seed": self.seed, "train_size": len(self.train_set)}
 
     def _collate(self, train: bool) -> RoleCollate:
         return RoleCollate(
@@ -124,8 +137,7 @@ class DistillDataModule(pl.LightningDataModule):
         workers = self.cfg.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        batch_size = self.cfg.batch_size if train else (self.cfg.eval_batch_size
-                                                        or self.cfg.batch_size)
+        batch_size = self.cfg.batch_size if train else self.eval_batch_size
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -1,0 +1,107 @@
+"""Config errors fail at start-up with a short message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from mmkd.config import compose, validate
+from mmkd.errors import ConfigError
+from mmkd.train import main
+
+
+def compose_and_validate(*overrides: str):
+    cfg = compose(list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose_and_validate()
+    assert cfg.run.name == "demo_bind"
+    assert cfg.teacher.adapter == "text"
+    assert cfg.losses.contrastive.weight > 0
+
+
+def test_group_and_key_overrides_apply_in_order():
+    cfg = compose_and_validate("student=tiny_audio", "student.cnn.channels=[4,8]",
+                               "trainer.max_epochs=2")
+    assert cfg.student.adapter == "audio_cnn"
+    assert list(cfg.student.cnn.channels) == [4, 8]
+    assert cfg.trainer.max_epochs == 2
+
+
+def test_teacher_none_sets_null():
+    cfg = compose(["teacher=none", "losses=supervised", "data.train_labels=true"])
+    assert cfg.teacher is None
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("student.adpter=image", r"student\.adpter.*Did you mean.*adapter"),
+        ("trainer.max_epochs=abc", r"trainer\.max_epochs.*could not be converted"),
+        ("nonsense.key=1", r"nonsense"),
+        ("student=nope", r"student=nope.*Available: .*tiny_image"),
+        ("experiment=nope", r"experiment=nope.*Available: .*demo_bind"),
+        ("student.image.in_chans=3.5", r"student\.image\.in_chans"),
+        ("noequals", r"expected key=value"),
+    ],
+)
+def test_compose_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose([override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["student.adapter=imgae"],
+         r"student\.adapter: unknown adapter 'imgae'\. Did you mean 'image'\? Valid names: "
+         r"audio_cnn, audio_hubert, audio_timm, audio_wav2vec2, image, text"),
+        (["teacher.adapter=nope"], r"teacher\.adapter: unknown adapter 'nope'"),
+        (["losses.kd.temperature=0"], r"losses\.kd\.temperature: must be > 0"),
+        (["losses.contrastive.temperature=-1"], r"losses\.contrastive\.temperature: must be > 0"),
+        (["losses.embed.weight=-0.5"], r"losses\.embed\.weight: must be >= 0"),
+        (["losses.embed.kind=l1"], r"losses\.embed\.kind: 'l1' is not one of cosine, mse"),
+        (["student.head.embed_dim=-3"], r"student\.head\.embed_dim: must be > 0"),
+        (["student.image.mean=[0.5,0.5]"], r"student\.image\.mean: has 2 values"),
+        (["data.on_error=ignore"], r"data\.on_error"),
+        (["losses.ce.weight=1"], r"losses\.ce\.weight: .*train_labels=false"),
+        (["teacher=none"], r"losses\.contrastive\.weight: .*no teacher"),
+        (["losses.contrastive.weight=0", "losses.embed.weight=0"], r"every weight is 0"),
+        (["losses.kd.weight=1"], r"teacher\.head\.classifier: losses\.kd needs class logits"),
+    ],
+)
+def test_validation_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_and_validate(*overrides)
+
+
+def test_cli_reports_config_errors_in_one_line_without_traceback(capsys, tmp_path):
+    code = main(["student.adapter=nope", f"run.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: student.adapter: unknown adapter 'nope'")
+    assert "Traceback" not in err
+    assert not (tmp_path / "config.yaml").exists()  # failed before any work
+
+
+def test_schema_rejects_unknown_keys_in_experiment_files(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "config.yaml").write_text("defaults: {}\n")
+    (tmp_path / "experiment" / "bad.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"experiment/bad\.yaml: trainer\.max_epoch"):
+        compose(["experiment=bad"], config_dir=tmp_path)
+
+
+def test_every_shipped_experiment_composes_and_validates():
+    from mmkd.config.compose import default_config_dir
+
+    names = sorted(p.stem for p in (default_config_dir() / "experiment").glob("*.yaml"))
+    assert "demo_bind" in names
+    for name in names:
+        cfg = compose([f"experiment={name}"])
+        validate(cfg)
+        OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
