@@ -7,5 +7,11 @@ from . import audio, image, text  # noqa: F401  (registration)
 from .base import ADAPTERS, Adapter, AdapterOutput, Preprocessor, ProjectionHead
 from .build import build_adapter
 
-__all__ = ["ADAPTERS", "Adapter", "AdapterOutput", "Preprocessor", "ProjectionHead",
-           "build_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AdapterOutput",
+    "Preprocessor",
+    "ProjectionHead",
+    "build_adapter",
+]

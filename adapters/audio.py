@@ -18,10 +18,11 @@ import torchaudio
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from .base import ADAPTERS, Adapter, Batch, Preprocessor
-from .timm_backbone import create_backbone
 from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import load_state_file
+
+from .base import ADAPTERS, Adapter, Batch, Preprocessor
+from .timm_backbone import create_backbone
 
 
 def clip_samples(cfg: DictConfig) -> int:
@@ -43,7 +44,9 @@ class AudioPreprocessor(Preprocessor):
         self.num_samples = clip_samples(cfg)
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
         self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
             n_mels=cfg.n_mels,
         )
         self.to_db = torchaudio.transforms.AmplitudeToDB(top_db=80.0)
@@ -61,19 +64,25 @@ class AudioPreprocessor(Preprocessor):
         wave = torch.as_tensor(np.asarray(samples, dtype=np.float32))
         if wave.ndim == 2:
             if wave.shape[1] > 1 and not self.cfg["downmix"]:
-                raise DataError(f"audio has {wave.shape[1]} channels; the model reads mono "
-                                "(set audio.downmix=true to average them)")
+                raise DataError(
+                    f"audio has {wave.shape[1]} channels; the model reads mono "
+                    "(set audio.downmix=true to average them)"
+                )
             wave = wave.mean(dim=1)
         if wave.ndim != 1 or wave.numel() == 0:
-            raise DataError(f"audio has shape {tuple(np.shape(samples))}; expected (samples,) "
-                            "or (samples, channels) with at least one sample")
+            raise DataError(
+                f"audio has shape {tuple(np.shape(samples))}; expected (samples,) "
+                "or (samples, channels) with at least one sample"
+            )
         if not torch.isfinite(wave).all():
             raise DataError("audio contains NaN or Inf")
         target = self.cfg["sample_rate"]
         if rate != target:
             if not self.cfg["resample"]:
-                raise DataError(f"audio is at {rate} Hz; the model expects {target} Hz "
-                                "(set audio.resample=true to resample)")
+                raise DataError(
+                    f"audio is at {rate} Hz; the model expects {target} Hz "
+                    "(set audio.resample=true to resample)"
+                )
             if rate not in self._resamplers:
                 self._resamplers[rate] = torchaudio.transforms.Resample(int(rate), target)
             wave = self._resamplers[rate](wave)
@@ -192,8 +201,10 @@ class WaveformAdapter(Adapter):
         assert isinstance(overrides, dict)
         unknown = sorted(set(overrides) - set(self.preset))
         if unknown:
-            raise ConfigError(f"{self.key}.wav2vec2.overrides: unknown {', '.join(unknown)}; "
-                              f"valid: {', '.join(sorted(self.preset))}")
+            raise ConfigError(
+                f"{self.key}.wav2vec2.overrides: unknown {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(self.preset))}"
+            )
         params = {**self.preset, **overrides}
         if params["extractor_conv_layer_config"] is not None:
             params["extractor_conv_layer_config"] = [

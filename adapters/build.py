@@ -28,8 +28,9 @@ def load_export_spec(folder: str | Path) -> DictConfig:
     folder = Path(folder)
     spec_file = folder / EXPORT_SPEC
     if not spec_file.is_file():
-        raise CheckpointError(f"{folder}: no {EXPORT_SPEC}; expected a run's exported model "
-                              "folder (RUN_DIR/student)")
+        raise CheckpointError(
+            f"{folder}: no {EXPORT_SPEC}; expected a run's exported model folder (RUN_DIR/student)"
+        )
     try:
         spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
     except Exception as err:  # yaml or schema error: the file is damaged or from another version
@@ -51,8 +52,10 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
             missing, unexpected = adapter.load_state_dict(state, strict=False)
         except RuntimeError as err:  # same names, other shapes (e.g. another num_classes)
             detail = str(err).splitlines()[1:2] or [str(err)]
-            raise CheckpointError(f"{key}.weights: {path} does not match the {spec.adapter} "
-                                  f"adapter ({detail[0].strip()})") from None
+            raise CheckpointError(
+                f"{key}.weights: {path} does not match the {spec.adapter} "
+                f"adapter ({detail[0].strip()})"
+            ) from None
         if missing or unexpected:
             raise CheckpointError(
                 f"{key}.weights: {path} does not match the {spec.adapter} adapter "

@@ -6,14 +6,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
+from mmkd.errors import ConfigError, DataError
+
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
 from .timm_backbone import create_backbone
-from mmkd.errors import ConfigError, DataError
 
 PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -37,8 +37,12 @@ def to_pil(raw: Any) -> Image.Image:
 class ImagePreprocessor(Preprocessor):
     modality = "image"
 
-    def __init__(self, data_config: dict[str, Any], train_options: dict[str, Any] | None,
-                 channel_mismatch: str) -> None:
+    def __init__(
+        self,
+        data_config: dict[str, Any],
+        train_options: dict[str, Any] | None,
+        channel_mismatch: str,
+    ) -> None:
         super().__init__(
             {"data_config": data_config, "train": train_options, "channels": channel_mismatch},
             randomized_in_training=train_options is not None,

@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
 from mmkd.errors import ConfigError, DataError
+
+from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
 
 TEXT_ASSETS = "text"  # folder of an export holding the tokenizer and model config
 
@@ -21,8 +22,10 @@ def load_tokenizer(cfg: DictConfig, key: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}.text.tokenizer: cannot load a tokenizer from {source!r}: "
-                          f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{key}.text.tokenizer: cannot load a tokenizer from {source!r}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
 
 
 def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
@@ -33,12 +36,14 @@ def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}.text.model: cannot load {cfg.model!r}: "
-                          f"{str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{key}.text.model: cannot load {cfg.model!r}: {str(err).splitlines()[0]}"
+        ) from None
     unknown = sorted(k for k in overrides if not hasattr(config, k))
     if unknown:
-        raise ConfigError(f"{key}.text.config_overrides: {type(config).__name__} has no "
-                          f"{', '.join(unknown)}")
+        raise ConfigError(
+            f"{key}.text.config_overrides: {type(config).__name__} has no {', '.join(unknown)}"
+        )
     config.update(overrides)
     if cfg.pretrained:
         return AutoModel.from_pretrained(cfg.model, config=config, trust_remote_code=remote)
@@ -49,8 +54,9 @@ class TextPreprocessor(Preprocessor):
     modality = "text"
 
     def __init__(self, tokenizer: Any, max_length: int, source: str) -> None:
-        super().__init__({"tokenizer": source, "max_length": max_length},
-                         randomized_in_training=False)
+        super().__init__(
+            {"tokenizer": source, "max_length": max_length}, randomized_in_training=False
+        )
         self.tokenizer = tokenizer
         self.max_length = max_length
 
@@ -62,10 +68,14 @@ class TextPreprocessor(Preprocessor):
         return raw
 
     def collate(self, items: list[str]) -> Batch:
-        encoded = self.tokenizer(items, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-        return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask",
-                                                          "token_type_ids")}
+        encoded = self.tokenizer(
+            items, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            k: v
+            for k, v in encoded.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
 
 
 @ADAPTERS.register("text")

@@ -1,4 +1,4 @@
-"""Create a pooled-feature timm backbone from a `TimmCfg` (used by the image and audio_timm adapters)."""
+"""A pooled-feature timm backbone from a `TimmCfg` (image and audio_timm adapters)."""
 
 from __future__ import annotations
 

@@ -80,16 +80,18 @@ class TeacherCache:
         except (OSError, ValueError) as err:
             raise CheckpointError(f"teacher cache {folder}: unreadable index ({err})") from None
         if len(ids) != meta["count"] or len(set(ids)) != len(ids):
-            raise CheckpointError(f"teacher cache {folder}: {len(ids)} ids, expected "
-                                  f"{meta['count']} distinct")
+            raise CheckpointError(
+                f"teacher cache {folder}: {len(ids)} ids, expected {meta['count']} distinct"
+            )
         arrays = {}
         for name, spec in meta["arrays"].items():
             path = folder / f"{name}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as err:
-                raise CheckpointError(f"teacher cache {path}: unreadable or truncated ({err})"
-                                      ) from None
+                raise CheckpointError(
+                    f"teacher cache {path}: unreadable or truncated ({err})"
+                ) from None
             if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
                 raise CheckpointError(
                     f"teacher cache {path}: shape {list(array.shape)} {array.dtype}, expected "
@@ -101,14 +103,17 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self.row)
 
-    def lookup(self, ids: Iterable[str], device: torch.device | str = "cpu"
-               ) -> tuple[Tensor, Tensor | None]:
+    def lookup(
+        self, ids: Iterable[str], device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor | None]:
         """(embedding, logits) rows for these sample ids."""
         try:
             rows = np.fromiter((self.row[i] for i in ids), dtype=np.int64)
         except KeyError as err:
-            raise CheckpointError(f"teacher cache {self.folder}: sample {err} is not in it "
-                                  "(the training data changed?)") from None
+            raise CheckpointError(
+                f"teacher cache {self.folder}: sample {err} is not in it "
+                "(the training data changed?)"
+            ) from None
         order = np.argsort(rows)  # sorted reads are faster on a memory map
         out = []
         for name in ARRAYS:
@@ -123,12 +128,25 @@ class TeacherCache:
     # ---------------------------------------------------------------- writing
     @classmethod
     @torch.no_grad()
-    def build(cls, folder: Path, teacher: Adapter, dataset: Dataset, collate: Any,
-              identity: dict[str, Any], batch_size: int, device: torch.device,
-              num_workers: int = 0) -> None:
+    def build(
+        cls,
+        folder: Path,
+        teacher: Adapter,
+        dataset: Dataset,
+        collate: Any,
+        identity: dict[str, Any],
+        batch_size: int,
+        device: torch.device,
+        num_workers: int = 0,
+    ) -> None:
         """Run the teacher over `dataset` once and write the entry atomically."""
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=collate)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate,
+        )
         ids: list[str] = []
         chunks: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
         teacher.eval()
@@ -152,17 +170,27 @@ class TeacherCache:
             (tmp / "ids.json").write_text(json.dumps(ids))
             meta = {
                 "count": len(ids),
-                "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)}
-                           for n, a in arrays.items()},
+                "arrays": {
+                    n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()
+                },
                 "identity": identity,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         log.info("teacher cache: stored %d samples in %s", len(ids), folder)
 
 
-def open_or_build(root: Path, teacher: Adapter, dataset: Dataset, collate: Any,
-                  dataset_identity: dict[str, Any], *, batch_size: int, device: torch.device,
-                  build: bool, num_workers: int = 0) -> tuple[Path, bool]:
+def open_or_build(
+    root: Path,
+    teacher: Adapter,
+    dataset: Dataset,
+    collate: Any,
+    dataset_identity: dict[str, Any],
+    *,
+    batch_size: int,
+    device: torch.device,
+    build: bool,
+    num_workers: int = 0,
+) -> tuple[Path, bool]:
     """Make sure the entry for this teacher and data exists; returns (folder, built_now).
 
     Only the process with `build=True` writes; the others are expected to wait for it."""
@@ -177,6 +205,5 @@ def open_or_build(root: Path, teacher: Adapter, dataset: Dataset, collate: Any,
             return folder, False
         except CheckpointError as err:
             log.warning("%s; rebuilding it", err)
-    TeacherCache.build(folder, teacher, dataset, collate, identity, batch_size, device,
-                       num_workers)
+    TeacherCache.build(folder, teacher, dataset, collate, identity, batch_size, device, num_workers)
     return folder, True

@@ -61,8 +61,12 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(models: Mapping[str, Adapter], loader: DataLoader,
-            class_embeddings: Tensor | None, device: torch.device | str = "cpu") -> Collected:
+def collect(
+    models: Mapping[str, Adapter],
+    loader: DataLoader,
+    class_embeddings: Tensor | None,
+    device: torch.device | str = "cpu",
+) -> Collected:
     """Run every model over `loader` (eval mode) and keep embeddings, class scores and labels."""
     embeddings: dict[str, list[Tensor]] = {role: [] for role in models}
     scores: dict[str, list[Tensor]] = {role: [] for role in models}
@@ -101,8 +105,9 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
     }
 
 
-def retrieval_metrics(queries: Tensor, gallery: Tensor, query_labels: Tensor,
-                      gallery_labels: Tensor) -> dict[str, float]:
+def retrieval_metrics(
+    queries: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor
+) -> dict[str, float]:
     """R@K (a same-class item among the top K) and mAP, ranking the gallery by cosine similarity."""
     similarity = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
     relevant = query_labels[:, None] == gallery_labels[None, :]
@@ -119,15 +124,18 @@ def retrieval_pairs(collected: Collected, teacher_role: str | None) -> list[tupl
     pairs = []
     for query in roles:
         for gallery in roles:
-            if (query != gallery and collected.modalities[query] != collected.modalities[gallery]
-                    and collected.embeddings[query].shape[1]
-                    == collected.embeddings[gallery].shape[1]):
+            if (
+                query != gallery
+                and collected.modalities[query] != collected.modalities[gallery]
+                and collected.embeddings[query].shape[1] == collected.embeddings[gallery].shape[1]
+            ):
                 pairs.append((query, gallery))
     return pairs
 
 
-def compute_metrics(collected: Collected, num_classes: int, teacher_role: str | None = "teacher"
-                    ) -> dict[str, float]:
+def compute_metrics(
+    collected: Collected, num_classes: int, teacher_role: str | None = "teacher"
+) -> dict[str, float]:
     """Flat metric keys: ROLE/accuracy|precision|recall|f1, ROLE/teacher_agreement,
     ROLE/teacher_cosine, retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
     metrics: dict[str, float] = {"data/skipped_samples": float(collected.skipped)}
@@ -148,28 +156,35 @@ def compute_metrics(collected: Collected, num_classes: int, teacher_role: str | 
     if labels is not None:
         for query, gallery in retrieval_pairs(collected, teacher_role):
             name = f"{collected.modalities[query]}_to_{collected.modalities[gallery]}"
-            found = retrieval_metrics(collected.embeddings[query], collected.embeddings[gallery],
-                                      labels, labels)
+            found = retrieval_metrics(
+                collected.embeddings[query], collected.embeddings[gallery], labels, labels
+            )
             metrics.update({f"retrieval/{name}/{k}": v for k, v in found.items()})
     return metrics
 
 
-def model_costs(models: Mapping[str, Adapter], collected: Collected, seconds: float
-                ) -> dict[str, float]:
+def model_costs(
+    models: Mapping[str, Adapter], collected: Collected, seconds: float
+) -> dict[str, float]:
     """Parameters and CPU latency per sample (batch 1, a real evaluation sample) of each model."""
     out: dict[str, float] = {}
     for role, model in models.items():
         out[f"{role}/params"] = float(count_parameters(model))
         if role in collected.first_inputs:
-            out[f"{role}/latency_ms"] = cpu_latency_ms(model, collected.first_inputs[role],
-                                                       seconds)
+            out[f"{role}/latency_ms"] = cpu_latency_ms(model, collected.first_inputs[role], seconds)
     return out
 
 
-def evaluate_models(models: Mapping[str, Adapter], loader: DataLoader, *, class_names: list[str],
-                    class_embeddings: Tensor | None, out_dir: Path | None,
-                    latency_seconds: float, device: torch.device | str = "cpu"
-                    ) -> dict[str, float]:
+def evaluate_models(
+    models: Mapping[str, Adapter],
+    loader: DataLoader,
+    *,
+    class_names: list[str],
+    class_embeddings: Tensor | None,
+    out_dir: Path | None,
+    latency_seconds: float,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Metrics (and, with `out_dir`, plots) of `models` on `loader`. Used after training and by
     the command line, so a run's metrics.json and a later evaluation share their keys."""
     collected = collect(models, loader, class_embeddings, device)
@@ -192,8 +207,11 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     if not config_file.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; is this a run folder?")
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file),
-                               OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.merge(
+            OmegaConf.structured(Config),
+            OmegaConf.load(config_file),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
     except Exception as err:  # omegaconf errors name the key
         raise ConfigError(f"{run_dir}: {describe_config_error(err)}") from None
 
@@ -230,16 +248,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CheckpointError(f"{run_dir}: no exported student (student/); did the run finish?")
         splits = build_splits(cfg.data, cfg.run.seed)
         models, class_embeddings = load_run_models(run_dir, cfg)
-        collate = RoleCollate({role: m.make_preprocessor() for role, m in models.items()},
-                              train=False, keep_labels=True, num_classes=splits.num_classes,
-                              on_error=cfg.data.on_error)
+        collate = RoleCollate(
+            {role: m.make_preprocessor() for role, m in models.items()},
+            train=False,
+            keep_labels=True,
+            num_classes=splits.num_classes,
+            on_error=cfg.data.on_error,
+        )
         test_set = limit(splits.test, cfg.data.max_eval_samples, cfg.run.seed)
-        loader = DataLoader(test_set, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-                            num_workers=cfg.data.num_workers, collate_fn=collate)
+        loader = DataLoader(
+            test_set,
+            batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+        )
         out_dir = run_dir / "eval" / slug(overrides)
-        metrics = evaluate_models(models, loader, class_names=splits.class_names,
-                                  class_embeddings=class_embeddings, out_dir=out_dir,
-                                  latency_seconds=cfg.run.latency_seconds)
+        metrics = evaluate_models(
+            models,
+            loader,
+            class_names=splits.class_names,
+            class_embeddings=class_embeddings,
+            out_dir=out_dir,
+            latency_seconds=cfg.run.latency_seconds,
+        )
     except MMKDError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

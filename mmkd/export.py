@@ -1,11 +1,11 @@
 """Export a trained model to a self-contained folder, and load it back with no training code.
 
-    RUN_DIR/student/
-        adapter.yaml              the adapter spec (architecture, preprocessing)
-        model.safetensors         the weights (encoder + head)
-        meta.json                 modality, embedding size, class names
-        class_embeddings.safetensors   zero-shot classifier (when trained into a text space)
-        text/                     tokenizer and model config (text models only)
+RUN_DIR/student/
+    adapter.yaml              the adapter spec (architecture, preprocessing)
+    model.safetensors         the weights (encoder + head)
+    meta.json                 modality, embedding size, class names
+    class_embeddings.safetensors   zero-shot classifier (when trained into a text space)
+    text/                     tokenizer and model config (text models only)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
 from mmkd.adapters.base import class_scores
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
 from mmkd.errors import CheckpointError
-from mmkd.io import atomic_dir, load_state_file, save_state
+from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state
 
 META = "meta.json"
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
@@ -56,6 +56,51 @@ def export_model(
         if class_embeddings is not None:
             save_state(tmp / CLASS_EMBEDDINGS, {"class_embeddings": class_embeddings})
     return folder
+
+
+class TensorInterface(torch.nn.Module):
+    """Positional tensors in (the batch keys, in order), (embedding, logits) out: the calling
+    convention ONNX and TorchScript need. Models without a classifier return embedding only."""
+
+    def __init__(self, model: Adapter, input_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(dict(zip(self.input_names, inputs, strict=True)))
+        return (out.embedding,) if out.logits is None else (out.embedding, out.logits)
+
+
+def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = None) -> Path:
+    """Write an exported model as ONNX (`model.onnx`) or TorchScript (`model.torchscript.pt`),
+    with a dynamic batch axis. Inputs are the preprocessed batch tensors, named as in
+    `adapter.example_batch()`; outputs `embedding` (and `logits`)."""
+    exported = load_exported(folder)
+    example = exported.model.example_batch(2)
+    names = list(example)
+    wrapper = TensorInterface(exported.model, names).eval()
+    outputs = ["embedding"] if exported.model.num_classes is None else ["embedding", "logits"]
+    default = "model.onnx" if fmt == "onnx" else "model.torchscript.pt"
+    path = Path(output) if output else Path(folder) / default
+    with atomic_path(path) as tmp, torch.no_grad():
+        if fmt == "onnx":
+            # the TorchScript-based exporter: torch.export cannot yet keep the batch axis
+            # dynamic through every adapter (timm's pooling specialises it)
+            torch.onnx.export(
+                wrapper,
+                tuple(example.values()),
+                str(tmp),
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]},
+                dynamo=False,
+            )
+        elif fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(wrapper, tuple(example.values())), str(tmp))
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; use onnx or torchscript")
+    return path
 
 
 @dataclass

@@ -17,8 +17,11 @@ def cpu_latency_ms(model: Adapter, batch: Batch, min_run_time: float = 1.0) -> f
     batch = {k: v[:1].cpu() for k, v in batch.items()}
     with torch.inference_mode():
         model(batch)  # warm-up outside the timer (lazy init, allocator)
-        timer = Timer(stmt="model(batch)", globals={"model": model, "batch": batch},
-                      num_threads=torch.get_num_threads())
+        timer = Timer(
+            stmt="model(batch)",
+            globals={"model": model, "batch": batch},
+            num_threads=torch.get_num_threads(),
+        )
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1000.0
 

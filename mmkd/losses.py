@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -18,6 +20,22 @@ Gather = Callable[[Tensor], tuple[Tensor, int]]
 
 def local_gather(x: Tensor) -> tuple[Tensor, int]:
     return x, 0
+
+
+def distributed_gather(x: Tensor) -> tuple[Tensor, int]:
+    """Rows of `x` from every process, differentiable (gradients flow back to their owners),
+    and the offset of this process's rows. Batches of different sizes (e.g. after skipped
+    samples) are padded for the collective, then trimmed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(n) for n in sizes]
+    padded = F.pad(x, (0, 0, 0, max(counts) - x.shape[0]))
+    gathered = dist_nn.all_gather(padded)
+    rows = torch.cat([part[:n] for part, n in zip(gathered, counts, strict=True)])
+    return rows, sum(counts[: dist.get_rank()])
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -117,7 +135,7 @@ class DistillLoss(nn.Module):
         teacher_embedding: Tensor | None,
         teacher_logits: Tensor | None,
         labels: Tensor | None,
-        gather: Gather = local_gather,
+        gather: Gather = distributed_gather,
     ) -> dict[str, Tensor]:
         """Unweighted terms by name; only the terms with a positive weight are computed."""
         terms: dict[str, Tensor] = {}
@@ -133,7 +151,9 @@ class DistillLoss(nn.Module):
             if "contrastive" in self.weights:
                 scale = self.logit_scale
                 terms["contrastive"] = contrastive_loss(
-                    mapped, teacher_embedding, scale,
+                    mapped,
+                    teacher_embedding,
+                    scale,
                     gather if cfg.contrastive.global_negatives else local_gather,
                 )
         if "relational" in self.weights:

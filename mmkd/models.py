@@ -25,12 +25,15 @@ RESERVED_ROLES = ("teacher", "student")
 
 
 def student_roles(cfg: DictConfig) -> dict[str, str]:
-    """role -> config key for every student: {"student": "student", "image": "extra_students.image"}."""
+    """role -> config key of every student, e.g. {"student": "student", "image":
+    "extra_students.image"}."""
     roles = {"student": "student"}
     for name in cfg.extra_students:
         if name in RESERVED_ROLES or not str(name).isidentifier():
-            raise ConfigError(f"extra_students.{name}: name must be an identifier other than "
-                              f"{' or '.join(RESERVED_ROLES)}")
+            raise ConfigError(
+                f"extra_students.{name}: name must be an identifier other than "
+                f"{' or '.join(RESERVED_ROLES)}"
+            )
         roles[str(name)] = f"extra_students.{name}"
     return roles
 
@@ -68,8 +71,10 @@ def resolve_classes(cfg: DictConfig, num_classes: int) -> None:
         if not head.classifier or head.num_classes is not None:
             continue
         if not num_classes:
-            raise ConfigError(f"{key}.head.classifier: the dataset {cfg.data.name!r} has no "
-                              "class labels; set head.classifier=false")
+            raise ConfigError(
+                f"{key}.head.classifier: the dataset {cfg.data.name!r} has no "
+                "class labels; set head.classifier=false"
+            )
         head.num_classes = num_classes
 
 
@@ -84,8 +89,21 @@ def check_modalities(cfg: DictConfig, available: tuple[str, ...]) -> None:
             )
 
 
-def check_kd_classes(cfg: DictConfig, teacher: Adapter | None, students: dict[str, Adapter],
-                     keys: dict[str, str]) -> None:
+def check_kd_heads(cfg: DictConfig) -> None:
+    """losses.kd compares class distributions: every model needs a classifier."""
+    if cfg.losses.kd.weight <= 0:
+        return
+    for key, spec in adapter_specs(cfg):
+        if not spec.head.classifier:
+            raise ConfigError(
+                f"{key}.head.classifier: losses.kd needs class logits from every "
+                "model (set it true, or losses.kd.weight=0)"
+            )
+
+
+def check_kd_classes(
+    cfg: DictConfig, teacher: Adapter | None, students: dict[str, Adapter], keys: dict[str, str]
+) -> None:
     if cfg.losses.kd.weight <= 0 or teacher is None:
         return
     for role, student in students.items():
@@ -97,11 +115,13 @@ def check_kd_classes(cfg: DictConfig, teacher: Adapter | None, students: dict[st
             )
 
 
-def build_models(cfg: DictConfig, splits: DatasetSplits
-                 ) -> tuple[Adapter | None, dict[str, Adapter]]:
-    """Resolve specs in place and build (teacher, {role: student}). The teacher comes back frozen."""
-    adopt_exported_specs(cfg)
+def build_models(
+    cfg: DictConfig, splits: DatasetSplits
+) -> tuple[Adapter | None, dict[str, Adapter]]:
+    """Resolve specs in place; build (teacher, {role: student}) with the teacher frozen."""
+    adopt_exported_specs(cfg)  # first: an exported model brings its own head and modality
     check_modalities(cfg, splits.modalities)
+    check_kd_heads(cfg)
     resolve_classes(cfg, splits.num_classes)
     teacher = None
     if cfg.teacher is not None:

@@ -14,19 +14,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
 from mmkd.cache import TeacherCache, open_or_build
 from mmkd.data.module import RoleCollate
 from mmkd.errors import MMKDError
-from mmkd.losses import DistillLoss
+from mmkd.losses import DistillLoss, Gather, distributed_gather, local_gather
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,12 @@ class DistillModule(pl.LightningModule):
         if teacher is not None:
             teacher.requires_grad_(False).eval()
         teacher_dim = teacher.embed_dim if teacher is not None else None
-        self.losses = nn.ModuleDict({
-            role: DistillLoss(cfg.losses, student.embed_dim, teacher_dim)
-            for role, student in students.items()
-        })
+        self.losses = nn.ModuleDict(
+            {
+                role: DistillLoss(cfg.losses, student.embed_dim, teacher_dim)
+                for role, student in students.items()
+            }
+        )
         self.class_names = list(class_names or [])
         self.class_prompts = list(class_prompts or [])
         # zero-shot classifier: the teacher's embeddings of the class prompts (text teachers)
@@ -62,7 +65,8 @@ class DistillModule(pl.LightningModule):
         num_classes = len(self.class_names)
         self.val_accuracy = nn.ModuleDict(
             {role: MulticlassAccuracy(num_classes, average="micro") for role in students}
-            if num_classes else {}
+            if num_classes
+            else {}
         )
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
         self.teacher_targets: TeacherCache | None = None  # stored outputs when distill.cache
@@ -112,38 +116,37 @@ class DistillModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         cfg = self.cfg
         root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
-        collate = RoleCollate({"teacher": self.teacher.make_preprocessor()}, train=False,
-                              keep_labels=False, num_classes=0, on_error=cfg.data.on_error)
+        collate = RoleCollate(
+            {"teacher": self.teacher.make_preprocessor()},
+            train=False,
+            keep_labels=False,
+            num_classes=0,
+            on_error=cfg.data.on_error,
+        )
         folder, _ = open_or_build(
-            root, self.teacher, datamodule.train_set, collate, datamodule.identity(),
-            batch_size=datamodule.eval_batch_size, device=self.device,
-            build=self.trainer.is_global_zero, num_workers=cfg.data.num_workers,
+            root,
+            self.teacher,
+            datamodule.train_set,
+            collate,
+            datamodule.identity(),
+            batch_size=datamodule.eval_batch_size,
+            device=self.device,
+            build=self.trainer.is_global_zero,
+            num_workers=cfg.data.num_workers,
         )
         self.trainer.strategy.barrier("teacher-cache")
         return TeacherCache.open(folder)
 
-    # ------------------------------------------------------------------ distributed helpers
-    def gather(self, x: Tensor) -> tuple[Tensor, int]:
-        """Rows of `x` from every process (with gradients) and the offset of this process's rows.
-        Batches of different sizes (e.g. after skipped samples) are padded, then trimmed."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return x, 0
-        sizes = self.all_gather(torch.tensor(x.shape[0], device=x.device)).tolist()
-        padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-        gathered = self.all_gather(padded, sync_grads=True)  # (world, max, D)
-        rows = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
-        return rows, sum(sizes[: dist.get_rank()])
-
     # ------------------------------------------------------------------ steps
-    def student_losses(self, batch: dict[str, Any], teacher: tuple[Tensor, Tensor | None] | None,
-                       gather: Any = None) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
+    def student_losses(
+        self, batch: dict[str, Any], teacher: tuple[Tensor, Tensor | None] | None, gather: Gather
+    ) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
+        """(role, output, loss terms) for every student on this batch."""
         labels = batch.get("labels")
         t_emb, t_logits = teacher if teacher is not None else (None, None)
         for role, student in self.students.items():
             out = student(batch["inputs"][role])
-            loss = self.losses[role]
-            kwargs = {"gather": gather} if gather is not None else {}
-            terms = loss(out.embedding, out.logits, t_emb, t_logits, labels, **kwargs)
+            terms = self.losses[role](out.embedding, out.logits, t_emb, t_logits, labels, gather)
             yield role, out, terms
 
     @staticmethod
@@ -157,7 +160,7 @@ class DistillModule(pl.LightningModule):
         total = None
         named: dict[str, Tensor] = {}
         if size:
-            for role, _, terms in self.student_losses(batch, teacher, gather=self.gather):
+            for role, _, terms in self.student_losses(batch, teacher, distributed_gather):
                 for term, value in terms.items():
                     named[self._name("train", role, term)] = value
                 role_total = self.losses[role].total(terms)
@@ -177,8 +180,10 @@ class DistillModule(pl.LightningModule):
         self.skip_step = False
         if not bad:
             return
-        culprits = ", ".join(f"{k}={v.item():.4g}" for k, v in named.items()
-                             if not torch.isfinite(v)) or f"total={total.item():.4g}"
+        culprits = (
+            ", ".join(f"{k}={v.item():.4g}" for k, v in named.items() if not torch.isfinite(v))
+            or f"total={total.item():.4g}"
+        )
         where = f"epoch {self.current_epoch}, step {self.global_step}"
         if self.cfg.distill.nonfinite_loss == "stop":
             raise NonFiniteLossError(
@@ -194,8 +199,15 @@ class DistillModule(pl.LightningModule):
 
     def log_skipped(self, batch: dict[str, Any], stage: str) -> None:
         if batch.get("skipped"):
-            self.log(f"{stage}/skipped_samples", float(batch["skipped"]), reduce_fx="sum",
-                     on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+            self.log(
+                f"{stage}/skipped_samples",
+                float(batch["skipped"]),
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=1,
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log_skipped(batch, "val")
@@ -205,18 +217,17 @@ class DistillModule(pl.LightningModule):
         teacher = self.teacher_forward_eval(batch) if self.uses_teacher else None
         labels = batch.get("labels")
         total = 0.0
-        for role, out, terms in self.student_losses(batch, teacher):
+        for role, out, terms in self.student_losses(batch, teacher, local_gather):
             total = total + self.losses[role].total(terms)
             preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:
                 self.val_accuracy[role].update(preds, labels)
                 name = "val/accuracy" if role == "student" else f"val/{role}/accuracy"
-                self.log(name, self.val_accuracy[role], prog_bar=role == "student",
-                         batch_size=size)
+                self.log(name, self.val_accuracy[role], prog_bar=role == "student", batch_size=size)
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=size)
 
     def teacher_forward_eval(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-        """Teacher outputs on evaluation batches: always a live forward (the cache is train-only)."""
+        """Teacher outputs on evaluation batches: a live forward (the cache is train-only)."""
         with torch.no_grad():
             out = self.teacher(batch["inputs"]["teacher"])
         return out.embedding, out.logits
@@ -228,8 +239,10 @@ class DistillModule(pl.LightningModule):
         for param in self.parameters():  # students and loss parameters; never the teacher
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         if optim.name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
         else:
@@ -242,5 +255,7 @@ class DistillModule(pl.LightningModule):
             )
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics.functional.classification import multiclass_confusion_matrix  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 if TYPE_CHECKING:
     from mmkd.evaluate import Collected
@@ -50,14 +50,15 @@ def plot_training_curves(metrics_csv: Path, out: Path) -> Path | None:
         ax.plot(steps, values, marker="." if len(steps) < 30 else None)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, out)
 
 
-def plot_confusion(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str],
-                   title: str, out: Path) -> Path:
+def plot_confusion(
+    scores: torch.Tensor, labels: torch.Tensor, class_names: list[str], title: str, out: Path
+) -> Path:
     matrix = multiclass_confusion_matrix(scores, labels, num_classes=len(class_names))
     size = max(4.0, 0.45 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -66,18 +67,30 @@ def plot_confusion(scores: torch.Tensor, labels: torch.Tensor, class_names: list
     ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for (i, j), count in zip(torch.cartesian_prod(torch.arange(len(class_names)),
-                                                  torch.arange(len(class_names))).tolist(),
-                             matrix.flatten().tolist(), strict=True):
+    for (i, j), count in zip(
+        torch.cartesian_prod(
+            torch.arange(len(class_names)), torch.arange(len(class_names))
+        ).tolist(),
+        matrix.flatten().tolist(),
+        strict=True,
+    ):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > matrix.max() / 2 else "black",
+            )
     ax.set_title(title)
     return _save(fig, out)
 
 
-def plot_embedding_space(collected: Collected, class_names: list[str], out: Path,
-                         max_points: int = 600) -> Path | None:
+def plot_embedding_space(
+    collected: Collected, class_names: list[str], out: Path, max_points: int = 600
+) -> Path | None:
     """PCA of every model's embeddings that share the largest common space: colour = class,
     marker = modality."""
     if collected.labels is None or not collected.embeddings:
@@ -89,17 +102,27 @@ def plot_embedding_space(collected: Collected, class_names: list[str], out: Path
     stacked = torch.cat([collected.embeddings[r][:max_points] for r in roles])
     centred = stacked - stacked.mean(0)
     _, _, v = torch.pca_lowrank(centred, q=2, center=False)
-    points = (centred @ v[:, :2]).split([min(len(collected.embeddings[r]), max_points)
-                                         for r in roles])
+    points = (centred @ v[:, :2]).split(
+        [min(len(collected.embeddings[r]), max_points) for r in roles]
+    )
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for role, xy in zip(roles, points, strict=True):
         labels = collected.labels[: len(xy)]
-        ax.scatter(xy[:, 0], xy[:, 1], c=[cmap(int(c) % cmap.N) for c in labels], s=14,
-                   alpha=0.7, marker=MARKERS.get(collected.modalities[role], "x"),
-                   label=f"{role} ({collected.modalities[role]})", edgecolors="none")
-    handles = [plt.Line2D([], [], linestyle="", marker="o", color=cmap(i % cmap.N), label=name)
-               for i, name in enumerate(class_names)]
+        ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            c=[cmap(int(c) % cmap.N) for c in labels],
+            s=14,
+            alpha=0.7,
+            marker=MARKERS.get(collected.modalities[role], "x"),
+            label=f"{role} ({collected.modalities[role]})",
+            edgecolors="none",
+        )
+    handles = [
+        plt.Line2D([], [], linestyle="", marker="o", color=cmap(i % cmap.N), label=name)
+        for i, name in enumerate(class_names)
+    ]
     legend = ax.legend(loc="upper right", fontsize=7, title="model")
     ax.add_artist(legend)
     ax.legend(handles=handles, loc="lower left", fontsize=7, title="class", ncol=2)
@@ -112,8 +135,14 @@ def plot_evaluation(collected: Collected, class_names: list[str], out_dir: Path)
     written = []
     if collected.labels is not None and class_names:
         for role, scores in collected.scores.items():
-            written.append(plot_confusion(scores, collected.labels, class_names,
-                                          f"{role} ({collected.modalities[role]})",
-                                          out_dir / f"confusion_{role}.png"))
+            written.append(
+                plot_confusion(
+                    scores,
+                    collected.labels,
+                    class_names,
+                    f"{role} ({collected.modalities[role]})",
+                    out_dir / f"confusion_{role}.png",
+                )
+            )
     space = plot_embedding_space(collected, class_names, out_dir / "embedding_space.png")
     return [*written, space] if space else written

@@ -1,4 +1,6 @@
-"""`python train.py [experiment=NAME] [group=name ...] [key.path=value ...]`: build, fit, test, export.
+"""python train.py [experiment=NAME] [group=name ...] [key.path=value ...]
+
+Build, fit, evaluate on the test split, export.
 
 A finished run writes to run.dir:
     config.yaml    the resolved config
@@ -28,9 +30,9 @@ from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import MMKDError
+from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
 from mmkd.io import write_json, write_text
-from mmkd.evaluate import evaluate_models
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
@@ -44,7 +46,9 @@ RUN_DIR_ENV = "MMKD_RUN_DIR"  # shares a generated run dir with DDP worker proce
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """run.dir, or runs/<name>-<timestamp> chosen once and shared with spawned workers."""
     if not cfg.run.dir:
-        chosen = os.environ.get(RUN_DIR_ENV) or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        chosen = (
+            os.environ.get(RUN_DIR_ENV) or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         os.environ[RUN_DIR_ENV] = chosen
         cfg.run.dir = chosen
     return Path(cfg.run.dir)
@@ -97,15 +101,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return finish(cfg, run_dir, module, datamodule)
 
 
-def finish(cfg: DictConfig, run_dir: Path, module: DistillModule,
-           datamodule: DistillDataModule) -> dict[str, float]:
+def finish(
+    cfg: DictConfig, run_dir: Path, module: DistillModule, datamodule: DistillDataModule
+) -> dict[str, float]:
     """Export, evaluate on the test split, plot, write metrics.json last, print the summary."""
     class_names = datamodule.splits.class_names
     if cfg.run.export:
         for role, student in module.students.items():
             folder = "student" if role == "student" else f"student_{role}"
-            export_model(student, run_dir / folder, class_names=class_names,
-                         class_embeddings=module.class_embeddings)
+            export_model(
+                student,
+                run_dir / folder,
+                class_names=class_names,
+                class_embeddings=module.class_embeddings,
+            )
     plot_training_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "training.png")
     metrics: dict[str, float] = {}
     if cfg.run.test:
@@ -113,9 +122,13 @@ def finish(cfg: DictConfig, run_dir: Path, module: DistillModule,
         if module.teacher is not None:
             models["teacher"] = module.teacher
         metrics = evaluate_models(
-            models, datamodule.test_dataloader(), class_names=class_names,
-            class_embeddings=module.class_embeddings, out_dir=run_dir / "plots",
-            latency_seconds=cfg.run.latency_seconds, device=module.device,
+            models,
+            datamodule.test_dataloader(),
+            class_names=class_names,
+            class_embeddings=module.class_embeddings,
+            out_dir=run_dir / "plots",
+            latency_seconds=cfg.run.latency_seconds,
+            device=module.device,
         )
     write_json(run_dir / "metrics.json", metrics)
     print(format_summary(metrics, run_dir))

@@ -59,11 +59,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths["rgb"]
     )
     n = np.arange(FILE_RATE // 4)  # 0.25 s at 16 kHz
-    sf.write(paths["tone16k"], 0.5 * np.sin(2 * np.pi * 440 * n / FILE_RATE), FILE_RATE,
-             subtype="PCM_16")
+    sf.write(
+        paths["tone16k"], 0.5 * np.sin(2 * np.pi * 440 * n / FILE_RATE), FILE_RATE, subtype="PCM_16"
+    )
     m = np.arange(6000)  # 0.75 s at the model's rate, two different channels
-    stereo = np.stack([0.6 * np.sin(2 * np.pi * 300 * m / MODEL_RATE),
-                       0.3 * rng.uniform(-1, 1, m.size)], axis=1)
+    stereo = np.stack(
+        [0.6 * np.sin(2 * np.pi * 300 * m / MODEL_RATE), 0.3 * rng.uniform(-1, 1, m.size)], axis=1
+    )
     sf.write(paths["stereo"], stereo, MODEL_RATE, subtype="PCM_16")
     return paths
 
@@ -378,7 +380,11 @@ def test_image_bad_arrays(built: dict[str, Adapter]) -> None:
 def test_audio_files_are_what_the_tests_expect(files: dict) -> None:
     info = sf.info(str(files["tone16k"]))
     assert (info.samplerate, info.channels, info.subtype, info.frames) == (
-        FILE_RATE, 1, "PCM_16", 4000)
+        FILE_RATE,
+        1,
+        "PCM_16",
+        4000,
+    )
     assert sf.info(str(files["stereo"])).channels == 2
 
 

@@ -148,8 +148,7 @@ def test_kd_loss_t_squared_scaling() -> None:
 def test_embed_loss_cosine_matches_formula() -> None:
     s, t = randn(6, 8, seed=7), randn(6, 8, seed=8)
     s_, t_ = np64(s), np64(t)
-    cos = [np.dot(s_[b], t_[b]) / (np.linalg.norm(s_[b]) * np.linalg.norm(t_[b]))
-           for b in range(6)]
+    cos = [np.dot(s_[b], t_[b]) / (np.linalg.norm(s_[b]) * np.linalg.norm(t_[b])) for b in range(6)]
     expected = float(np.mean([1 - c for c in cos]))
     assert embed_loss(s, t, "cosine").item() == pytest.approx(expected, rel=1e-5)
     assert embed_loss(s, 2.5 * s, "cosine").item() == pytest.approx(0.0, abs=1e-6)
@@ -204,8 +203,9 @@ def test_contrastive_loss_with_gather_uses_global_negatives(offset: int) -> None
     # reference on the global matrix, restricted to this process's rows
     gs, gt = np64(all_s), np64(all_t)
     rows = slice(offset, offset + local)
-    expected = (nce_rows_ref(gs[rows], gt, scale, offset)
-                + nce_rows_ref(gt[rows], gs, scale, offset)) / 2
+    expected = (
+        nce_rows_ref(gs[rows], gt, scale, offset) + nce_rows_ref(gt[rows], gs, scale, offset)
+    ) / 2
     assert got == pytest.approx(expected, rel=1e-5)
     # the extra negatives change the loss compared with the single-process one
     assert got != pytest.approx(contrastive_loss(s, t, torch.tensor(scale)).item(), rel=1e-3)
@@ -414,9 +414,7 @@ def test_gather_used_only_with_global_negatives(global_negatives: bool) -> None:
 
 
 def test_gradient_reaches_student_not_teacher() -> None:
-    loss = DistillLoss(
-        losses_cfg(kd=1.0, embed=1.0, contrastive=1.0, relational=1.0, ce=1.0), 8, 8
-    )
+    loss = DistillLoss(losses_cfg(kd=1.0, embed=1.0, contrastive=1.0, relational=1.0, ce=1.0), 8, 8)
     x = inputs(grad=True)
     teacher = x["teacher_embedding"]
     assert not teacher.requires_grad and not x["teacher_logits"].requires_grad

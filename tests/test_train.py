@@ -17,12 +17,22 @@ from mmkd.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "data.demo.num_train=96", "data.demo.num_val=32", "data.demo.num_test=48",
-    "data.batch_size=16", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+    "data.demo.num_train=96",
+    "data.demo.num_val=32",
+    "data.demo.num_test=48",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
     "run.latency_seconds=0.05",
 ]
-CONTRACT_KEYS = ("student/accuracy", "teacher/accuracy", "student/params", "teacher/params",
-                 "student/latency_ms", "teacher/latency_ms")
+CONTRACT_KEYS = (
+    "student/accuracy",
+    "teacher/accuracy",
+    "student/params",
+    "teacher/params",
+    "student/latency_ms",
+    "teacher/latency_ms",
+)
 
 
 def run(run_dir: Path, *overrides: str) -> dict[str, float]:
@@ -34,9 +44,15 @@ def run(run_dir: Path, *overrides: str) -> dict[str, float]:
 def image_run(tmp_path_factory) -> Path:
     """Supervised tiny image model: the teacher of the cross-modal run below."""
     run_dir = tmp_path_factory.mktemp("image_teacher")
-    run(run_dir, "teacher=none", "losses=supervised", "data.train_labels=true",
-        *tiny_overrides("student", "image"), "student.head.classifier=true",
-        "student.head.embed_dim=16")
+    run(
+        run_dir,
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "image"),
+        "student.head.classifier=true",
+        "student.head.embed_dim=16",
+    )
     return run_dir
 
 
@@ -58,9 +74,14 @@ def test_run_writes_the_output_contract(image_run):
 def test_cross_modal_run_with_exported_teacher(image_run, tmp_path):
     """The exported image model teaches an audio student on paired samples, labels withheld."""
     metrics = run(
-        tmp_path, f"teacher.weights={image_run / 'student'}", "losses=kd",
-        "losses.ce.weight=0", "losses.contrastive.weight=0.5", "data.train_labels=false",
-        *tiny_overrides("student", "audio_cnn"), "student.head.classifier=true",
+        tmp_path,
+        f"teacher.weights={image_run / 'student'}",
+        "losses=kd",
+        "losses.ce.weight=0",
+        "losses.contrastive.weight=0.5",
+        "data.train_labels=false",
+        *tiny_overrides("student", "audio_cnn"),
+        "student.head.classifier=true",
     )
     assert set(CONTRACT_KEYS) <= metrics.keys()
     assert metrics["teacher/params"] > metrics["student/params"]
@@ -94,9 +115,18 @@ def test_metrics_json_only_after_a_finished_run(tmp_path):
 def test_train_py_script_runs_from_the_command_line(tmp_path):
     """`python train.py` as a user types it (subprocess, default experiment, shortened)."""
     result = subprocess.run(
-        [sys.executable, "train.py", *SMALL, f"run.dir={tmp_path}",
-         *tiny_overrides("student", "image"), "student.head.classifier=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            *SMALL,
+            f"run.dir={tmp_path}",
+            *tiny_overrides("student", "image"),
+            "student.head.classifier=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "teacher/student" in result.stdout

@@ -12,30 +12,53 @@ from mmkd.config.schema import AdapterSpec
 
 TINY_TEXT = {
     "pretrained": False,  # the MiniLM folder only gives the tokenizer and config
-    "config_overrides": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                         "intermediate_size": 64},
+    "config_overrides": {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
     "max_length": 16,
 }
-TINY_AUDIO = {"sample_rate": 8000, "clip_seconds": 0.5, "n_fft": 256, "hop_length": 80,
-              "n_mels": 16}
+TINY_AUDIO = {
+    "sample_rate": 8000,
+    "clip_seconds": 0.5,
+    "n_fft": 256,
+    "hop_length": 80,
+    "n_mels": 16,
+}
 TINY_WAV2VEC2 = {
     "extractor_conv_layer_config": [[16, 10, 5], [16, 3, 2], [16, 2, 2]],
-    "encoder_embed_dim": 32, "encoder_num_layers": 2, "encoder_num_heads": 2,
-    "encoder_ff_interm_features": 64, "encoder_pos_conv_kernel": 16, "encoder_pos_conv_groups": 4,
+    "encoder_embed_dim": 32,
+    "encoder_num_layers": 2,
+    "encoder_num_heads": 2,
+    "encoder_ff_interm_features": 64,
+    "encoder_pos_conv_kernel": 16,
+    "encoder_pos_conv_groups": 4,
 }
 TINY_SPECS: dict[str, dict[str, Any]] = {
-    "image": {"adapter": "image", "timm": {"model": "resnet10t",
-              "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
-              "image": {"in_chans": 3, "img_size": 32}},
+    "image": {
+        "adapter": "image",
+        "timm": {"model": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
+        "image": {"in_chans": 3, "img_size": 32},
+    },
     "text": {"adapter": "text", "text": TINY_TEXT},
     "audio_cnn": {"adapter": "audio_cnn", "audio": TINY_AUDIO, "cnn": {"channels": [8, 16]}},
-    "audio_timm": {"adapter": "audio_timm", "audio": TINY_AUDIO,
-                   "timm": {"model": "resnet10t",
-                            "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}}},
-    "audio_wav2vec2": {"adapter": "audio_wav2vec2", "audio": TINY_AUDIO,
-                       "wav2vec2": {"overrides": TINY_WAV2VEC2}},
-    "audio_hubert": {"adapter": "audio_hubert", "audio": TINY_AUDIO,
-                     "wav2vec2": {"overrides": TINY_WAV2VEC2}},
+    "audio_timm": {
+        "adapter": "audio_timm",
+        "audio": TINY_AUDIO,
+        "timm": {"model": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
+    },
+    "audio_wav2vec2": {
+        "adapter": "audio_wav2vec2",
+        "audio": TINY_AUDIO,
+        "wav2vec2": {"overrides": TINY_WAV2VEC2},
+    },
+    "audio_hubert": {
+        "adapter": "audio_hubert",
+        "audio": TINY_AUDIO,
+        "wav2vec2": {"overrides": TINY_WAV2VEC2},
+    },
 }
 
 
@@ -52,6 +75,9 @@ def tiny_spec(name: str, **overrides: Any) -> DictConfig:
 
 def tiny_overrides(role: str, name: str) -> list[str]:
     """Command-line overrides that make `role` (e.g. student) the tiny `name` adapter."""
-    return [f"{role}.{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()}"
-            if isinstance(value, dict) else f"{role}.{key}={value}"
-            for key, value in TINY_SPECS[name].items()]
+    return [
+        f"{role}.{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()}"
+        if isinstance(value, dict)
+        else f"{role}.{key}={value}"
+        for key, value in TINY_SPECS[name].items()
+    ]

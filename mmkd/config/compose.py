@@ -106,7 +106,9 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     choices.pop("experiment", None)
     body: list[tuple[DictConfig, str]] = [(base, "config.yaml")]
     if experiment:
-        exp = _load_yaml(config_dir / "experiment" / f"{experiment}.yaml", f"experiment={experiment}")
+        exp = _load_yaml(
+            config_dir / "experiment" / f"{experiment}.yaml", f"experiment={experiment}"
+        )
         choices.update(exp.pop("defaults", None) or {})
         body.append((exp, f"experiment/{experiment}.yaml"))
     choices.update(cli_choices)
@@ -114,8 +116,11 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     cfg = OmegaConf.structured(Config)
     for key, choice in choices.items():
         node = _group_node(config_dir, key, str(choice))
-        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}=null"]) if node is None
-                     else _nest(key, node), f"{key}={choice}")
+        cfg = _merge(
+            cfg,
+            OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
+            f"{key}={choice}",
+        )
     for node, source in body:
         cfg = _merge(cfg, node, source)
     if experiment:

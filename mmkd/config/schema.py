@@ -6,7 +6,7 @@ wrong type fails at start-up naming the key. Range and cross-field checks live i
 """
 
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
-# ruff: noqa: UP006, UP007, UP045
+# ruff: noqa: UP006, UP035, UP045
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -30,14 +30,18 @@ class ImageCfg:
 
     in_chans: int = 3  # channels the backbone reads (1 for MNIST-like data)
     img_size: int = 224  # square input size after resize / crop
-    mean: Optional[List[float]] = None  # None: timm's default for the model (averaged if in_chans=1)
+    mean: Optional[List[float]] = (
+        None  # None: timm's default for the model (averaged if in_chans=1)
+    )
     std: Optional[List[float]] = None
     interpolation: str = "bilinear"
     crop_pct: float = 1.0  # eval centre crop fraction (1.0: resize only)
     # "convert": grayscale <-> RGB are converted to in_chans; "error": a mismatch is a data error
     channel_mismatch: str = "convert"
     augment: bool = False  # training-time augmentation (timm's create_transform, is_training=True)
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    scale: List[float] = field(
+        default_factory=lambda: [0.08, 1.0]
+    )  # random-resized-crop area range
     hflip: float = 0.0  # horizontal flip probability (0 for digits and text in images)
     color_jitter: float = 0.0
 
@@ -86,7 +90,9 @@ class Wav2Vec2Cfg:
 
     # passed over the base preset to torchaudio.models.wav2vec2_model, e.g. encoder_num_layers: 2
     overrides: Dict[str, Any] = field(default_factory=dict)
-    weights_file: Optional[str] = None  # local state dict of the torchaudio model (.safetensors/.pt)
+    weights_file: Optional[str] = (
+        None  # local state dict of the torchaudio model (.safetensors/.pt)
+    )
 
 
 @dataclass
@@ -106,7 +112,8 @@ class HeadCfg:
 class AdapterSpec:
     """One model: preprocessing + encoder + head. `adapter` picks the implementation."""
 
-    adapter: str = "image"  # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert
+    # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert
+    adapter: str = "image"
     # a run's exported model folder (DIR/student) or a .safetensors file of this adapter's state
     weights: Optional[str] = None
     freeze_encoder: bool = False  # train only the head (LiT / ImageBind locked tower)
@@ -142,7 +149,7 @@ class ManifestCfg:
 
     train: Optional[str] = None
     val: Optional[str] = None  # None: held out from train by data.val_fraction
-    test: Optional[str] = None
+    test: Optional[str] = None  # None: the validation split is also the test split
     class_names: Optional[List[str]] = None  # None: sorted distinct labels of the train manifest
 
 
@@ -174,7 +181,9 @@ class AvDigitsCfg:
 @dataclass
 class DataCfg:
     name: str = "demo"  # dataset registry name: demo | manifest | fsdd | mnist | av_digits
-    root: Optional[str] = None  # shared data folder; fsdd/mnist roots default to ROOT/fsdd/recordings, ROOT/mnist
+    root: Optional[str] = (
+        None  # shared data folder; fsdd/mnist roots default to ROOT/fsdd/recordings, ROOT/mnist
+    )
     batch_size: int = 64
     eval_batch_size: Optional[int] = None  # None: batch_size
     num_workers: int = 0
@@ -219,7 +228,9 @@ class ContrastiveCfg:
 @dataclass
 class RelationalCfg:
     weight: float = 0.0
-    distance_weight: float = 1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
+    distance_weight: float = (
+        1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
+    )
     angle_weight: float = 2.0  # RKD-A
 
 

@@ -16,8 +16,13 @@ from mmkd.data.base import DATASETS, DatasetSplits, RawSample
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 SHAPES = ("circle", "square", "triangle")
 CLASS_NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-CAPTIONS = ("a {name}", "a picture of a {name}", "there is a {name} here", "a small {name}",
-            "a drawing of a {name} on a dark background")
+CAPTIONS = (
+    "a {name}",
+    "a picture of a {name}",
+    "there is a {name} here",
+    "a small {name}",
+    "a drawing of a {name} on a dark background",
+)
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 

@@ -1,0 +1,82 @@
+"""Reading the files configs and manifests name: audio, images and data folders.
+
+Every failure is a `DataError` (bad file) or `ConfigError` (bad config path) whose message names
+the file, so no traceback from soundfile or PIL reaches the user. Audio is returned as stored:
+downmixing and resampling belong to the audio adapter, where they are configurable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from omegaconf import DictConfig
+from PIL import Image
+
+from mmkd.errors import ConfigError, DataError
+
+PathLike = str | os.PathLike
+
+
+def check_file(path: PathLike, kind: str) -> Path:
+    """`path` as a Path, after checking it is a non-empty regular file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{kind} file {path} not found") from None
+    except OSError as err:
+        raise DataError(f"{kind} file {path} cannot be read: {err.strerror or err}") from None
+    if not path.is_file():
+        raise DataError(f"{kind} file {path} is not a regular file")
+    if size == 0:
+        raise DataError(f"{kind} file {path} is empty (0 bytes)")
+    return path
+
+
+def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
+    """(float32 waveform shaped (samples,) or (samples, channels), sample rate)."""
+    path = check_file(path, "audio")
+    try:
+        wave, rate = sf.read(path, dtype="float32", always_2d=False)
+    except Exception as err:  # libsndfile reports corrupt and unknown formats in many ways
+        raise DataError(f"audio file {path} cannot be decoded: {err}") from err
+    if wave.shape[0] == 0:
+        raise DataError(f"audio file {path} has no samples")
+    if not np.isfinite(wave).all():
+        raise DataError(f"audio file {path} contains NaN or Inf samples")
+    return wave, int(rate)
+
+
+def read_image(path: PathLike) -> Image.Image:
+    """The decoded image (pixels loaded, file closed)."""
+    path = check_file(path, "image")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:  # unidentified, truncated, decompression bomb, ...
+        raise DataError(f"image file {path} cannot be decoded: {err}") from err
+    return image
+
+
+def data_folder(cfg: DictConfig, name: str, under_root: str) -> Path:
+    """The folder of dataset `name`: `data.NAME.root`, else `data.root/under_root`.
+
+    Raises ConfigError naming the key that gave the path when it is unset or not a folder.
+    """
+    own = cfg[name].root
+    if own is not None:
+        key, folder = f"data.{name}.root", Path(own).expanduser()
+    elif cfg.root is not None:
+        key, folder = "data.root", Path(cfg.root).expanduser() / under_root
+    else:
+        raise ConfigError(
+            f"data.{name}.root: not set, and data.root (the shared data folder, "
+            f"read as ROOT/{under_root}) is not set either"
+        )
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ConfigError(f"{key}: folder {folder} {what}")
+    return folder

@@ -1,0 +1,258 @@
+"""Manifest datasets: JSONL or CSV files (picked by suffix), one row per sample.
+
+Columns: `image` / `audio` (file path, relative to the manifest's folder or absolute), `text` (the
+text itself), optional `label` and `id` (default "MANIFEST_NAME:LINE"). The modalities are the
+modality columns the train manifest's rows carry; every row of every split must have them (an
+empty CSV cell counts as missing). Rows are numbered by their 1-based line in the file.
+
+Labels are class names. When `data.manifest.class_names` is set, a label that is not a name may
+also be an integer index into it (CSV cells are text, so "3" counts); otherwise the classes are
+the distinct train labels as strings, sorted with numbers in numeric order.
+
+Row problems (bad JSON, missing column, unknown label, repeated id) raise `DataError` naming the
+file and row when the dataset is built, or under on_error=skip become `Skipped` samples; files a
+row names are read, and checked, when the sample is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mmkd.data.base import (
+    DATASETS,
+    MODALITIES,
+    DatasetSplits,
+    RawSample,
+    SafeDataset,
+    holdout_split,
+)
+from mmkd.data.decode import read_audio, read_image
+from mmkd.errors import ConfigError, DataError
+
+FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
+HOLDOUT_SEED = 0  # val held out of train does not move with run.seed
+Record = dict[str, Any] | str  # a parsed row, or why the line could not be parsed
+
+
+def _jsonl_records(lines: Iterator[str]) -> Iterator[tuple[int, Record]]:
+    for line_no, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield line_no, f"invalid JSON: {err.msg} (column {err.colno})"
+            continue
+        yield (
+            line_no,
+            record
+            if isinstance(record, dict)
+            else (f"is a JSON {type(record).__name__}, not an object"),
+        )
+
+
+def _csv_records(lines: Iterator[str], path: Path) -> Iterator[tuple[int, Record]]:
+    reader = csv.reader(lines)
+    header = [name.strip() for name in next(reader, [])]
+    repeated = {name for name in header if header.count(name) > 1}
+    if repeated:
+        raise DataError(f"{path}: the header repeats column(s) {', '.join(sorted(repeated))}")
+    start = reader.line_num + 1
+    for fields in reader:
+        line_no, start = start, reader.line_num + 1
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            yield line_no, f"has {len(fields)} fields but the header has {len(header)}"
+        else:  # an empty cell is a missing value
+            cells = zip(header, fields, strict=True)
+            yield line_no, {name: value for name, value in cells if value != ""}
+
+
+def read_manifest(path: Path, key: str) -> list[tuple[int, Record]]:
+    """(line number, record or parse problem) for every non-blank row of a JSONL/CSV manifest."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ConfigError(f"{key}: {path} must end in .jsonl or .csv")
+    if not path.is_file():
+        raise ConfigError(f"{key}: manifest {path} not found")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as lines:
+            rows = list(_jsonl_records(lines) if suffix == ".jsonl" else _csv_records(lines, path))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    except (OSError, csv.Error) as err:
+        raise DataError(f"{path}: cannot be read: {err}") from None
+    if not rows:
+        raise ConfigError(f"{key}: manifest {path} has no rows")
+    return rows
+
+
+def _present(record: Record, column: str) -> bool:
+    return isinstance(record, dict) and record.get(column) not in (None, "")
+
+
+def _label_text(value: Any) -> str | None:
+    """The label as text, or None when it is neither a string nor an integer."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value).strip()
+
+
+def _natural(name: str) -> tuple[int, int, str]:
+    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    names: list[str]
+    indices_allowed: bool  # true when the names come from the config: labels may be indices
+
+    def index(self, value: Any) -> int:
+        text = _label_text(value)
+        if text is None:
+            raise DataError(f"label {value!r} must be a class name or an integer index")
+        if text in self.names:
+            return self.names.index(text)
+        if self.indices_allowed and text.lstrip("-").isdigit() and 0 <= int(text) < len(self.names):
+            return int(text)
+        shown = ", ".join(self.names[:10]) + (", ..." if len(self.names) > 10 else "")
+        raise DataError(
+            f"label {value!r} is not in the class set ({len(self.names)} classes: "
+            f"{shown or 'none'}; set data.manifest.class_names)"
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    id: str
+    label: int | None = None
+    values: dict[str, str] | None = None  # modality -> file path or text
+    error: str | None = None  # why this row cannot be used
+
+
+def parse_row(
+    record: Record, line: int, path: Path, modalities: tuple[str, ...], classes: ClassSet
+) -> Row:
+    """The row's id, label and modality values; DataError (without location) if unusable."""
+    if isinstance(record, str):
+        raise DataError(record)
+    values = {}
+    for column in modalities:
+        if not _present(record, column):
+            raise DataError(
+                f"missing {column!r} (the train manifest's rows have {', '.join(modalities)})"
+            )
+        if not isinstance(record[column], str):
+            raise DataError(f"{column!r} must be a string, got {record[column]!r}")
+        values[column] = record[column]
+    label = classes.index(record["label"]) if _present(record, "label") else None
+    sample_id = record.get("id", f"{path.name}:{line}")
+    if isinstance(sample_id, bool) or not isinstance(sample_id, str | int):
+        raise DataError(f"id {sample_id!r} must be a string or an integer")
+    return Row(line, str(sample_id), label, values)
+
+
+class ManifestDataset(SafeDataset):
+    """The rows of one manifest file; image/audio files are decoded on access."""
+
+    def __init__(
+        self,
+        path: Path,
+        records: list[tuple[int, Record]],
+        modalities: tuple[str, ...],
+        classes: ClassSet,
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__(on_error)
+        self.path = path
+        self.modalities = modalities
+        self.rows: list[Row] = []
+        first_line: dict[str, int] = {}
+        for line, record in records:
+            try:
+                row = parse_row(record, line, path, modalities, classes)
+                if row.id in first_line:
+                    raise DataError(f"id {row.id!r} repeats row {first_line[row.id]}")
+                first_line[row.id] = line
+            except DataError as err:
+                if on_error != "skip":
+                    raise DataError(f"{self.where(line)}: {err}") from None
+                row = Row(line, f"{path.name}:{line}", error=str(err))
+            self.rows.append(row)
+
+    def where(self, line: int) -> str:
+        return f"{self.path} row {line}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, index: int) -> str:
+        return self.rows[index].id
+
+    def load(self, index: int) -> RawSample:
+        row = self.rows[index]
+        try:
+            if row.error is not None or row.values is None:
+                raise DataError(row.error)
+            sample: RawSample = {"id": row.id, "label": row.label}
+            for column, value in row.values.items():
+                read = FILE_COLUMNS.get(column)
+                sample[column] = read(self.path.parent / value) if read else value
+        except DataError as err:
+            raise DataError(f"{self.where(row.line)}: {err}") from err
+        return sample
+
+
+def _manifest_path(value: str) -> Path:
+    return Path(value).expanduser().absolute()
+
+
+@DATASETS.register("manifest")
+def build_manifest(cfg: DictConfig, seed: int) -> DatasetSplits:
+    m = cfg.manifest
+    if m.train is None:
+        raise ConfigError("data.manifest.train: required when data.name=manifest")
+    train_path = _manifest_path(m.train)
+    train_records = read_manifest(train_path, "data.manifest.train")
+    modalities = tuple(c for c in MODALITIES if any(_present(r, c) for _, r in train_records))
+    if not modalities:
+        raise ConfigError(
+            f"data.manifest.train: {train_path} has no {', '.join(MODALITIES)} column with values"
+        )
+    if m.class_names:
+        names = [str(name) for name in m.class_names]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.manifest.class_names: has repeated names: {names}")
+        classes = ClassSet(names, indices_allowed=True)
+    else:  # unusable labels are reported per row, by ManifestDataset
+        labels = {_label_text(r["label"]) for _, r in train_records if _present(r, "label")}
+        labels.discard(None)
+        classes = ClassSet(sorted(labels, key=_natural), indices_allowed=False)
+
+    def dataset(path: Path, records: list[tuple[int, Record]]) -> ManifestDataset:
+        return ManifestDataset(path, records, modalities, classes, cfg.on_error)
+
+    def optional(key: str) -> ManifestDataset | None:
+        value = m[key]
+        if value is None:
+            return None
+        path = _manifest_path(value)
+        return dataset(path, read_manifest(path, f"data.manifest.{key}"))
+
+    train = dataset(train_path, train_records)
+    val = optional("val")
+    if val is None:
+        train, val = holdout_split(train, cfg.val_fraction, HOLDOUT_SEED)
+    test = optional("test")
+    return DatasetSplits(
+        train, val, val if test is None else test, modalities=modalities, class_names=classes.names
+    )
