@@ -36,7 +36,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over the model's parameters and buffers (names, dtypes, shapes and bytes)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
+        data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()

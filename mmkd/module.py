@@ -25,6 +25,7 @@ from transformers import (
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
 from mmkd.cache import TeacherCache, open_or_build
+from mmkd.checkpoint import rng_state, set_rng_state
 from mmkd.data.module import RoleCollate
 from mmkd.errors import MMKDError
 from mmkd.losses import DistillLoss, Gather, distributed_gather, local_gather
@@ -231,6 +232,20 @@ class DistillModule(pl.LightningModule):
         with torch.no_grad():
             out = self.teacher(batch["inputs"]["teacher"])
         return out.embedding, out.logits
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmkd_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # restored just before the next training batch, after the data loader has drawn its
+        # seeds: the resumed run then draws exactly what the interrupted one would have
+        self._pending_rng = checkpoint.get("mmkd_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_pending_rng", None) is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
+from mmkd.callbacks import EpochTimer
+from mmkd.checkpoint import CheckpointOnInterrupt, SafeCheckpointIO
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
 from mmkd.data.module import DistillDataModule
-from mmkd.errors import MMKDError
+from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
 from mmkd.io import write_json, write_text
@@ -54,7 +56,54 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+DATA_PATH_KEYS = (
+    "root",
+    "fsdd.root",
+    "mnist.root",
+    "manifest.train",
+    "manifest.val",
+    "manifest.test",
+)
+
+
+def absolute_data_paths(data: DictConfig) -> None:
+    """Make data paths absolute, so the saved config works from any folder (mmkd.evaluate)."""
+    for key in DATA_PATH_KEYS:
+        value = OmegaConf.select(data, key)
+        if value and not Path(value).is_absolute():
+            OmegaConf.update(data, key, str(Path(value).resolve()))
+
+
+class RunInterrupted(MMKDError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signal: str, checkpoint: Path) -> None:
+        super().__init__(
+            f"{signal}: stopped; checkpoint saved to {checkpoint}. Run the same "
+            "command with run.resume=true to continue."
+        )
+        self.exit_code = 130 if signal == "SIGINT" else 143
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to overwrite another run's outputs."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.run.resume:
+        if not last.is_file():
+            log.warning("run.resume=true but %s does not exist: starting from scratch", last)
+            return None
+        return last
+    if last.exists() or (run_dir / "metrics.json").exists():
+        raise ConfigError(
+            f"run.dir: {run_dir} already holds a run; choose another run.dir, "
+            "or set run.resume=true to continue it"
+        )
+    return None
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()
+) -> pl.Trainer:
     t = cfg.trainer
     kwargs: dict[str, Any] = OmegaConf.to_container(t, resolve=True)  # type: ignore[assignment]
     extra = kwargs.pop("extra")
@@ -69,15 +118,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         **kwargs,
         **extra,
         default_root_dir=str(run_dir),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, EpochTimer(), *callbacks],
+        plugins=[SafeCheckpointIO()],
         logger=CSVLogger(save_dir=str(run_dir), name="", version="logs"),
     )
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one experiment end to end and return its final metrics."""
+def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+    """Run one experiment end to end and return its final metrics (extra Lightning
+    `callbacks` are added to the Trainer)."""
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
+    resume = check_run_dir(cfg, run_dir)
+    absolute_data_paths(cfg.data)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     splits = build_splits(cfg.data, cfg.run.seed)
     teacher, students = build_models(cfg, splits)
@@ -89,20 +142,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     live_teacher = module.uses_teacher and not cfg.distill.cache  # else no teacher input needed
     train_pre = {role: pre for role, pre in eval_pre.items() if role != "teacher" or live_teacher}
     datamodule = DistillDataModule(cfg.data, splits, train_pre, eval_pre, seed=cfg.run.seed)
-    trainer = build_trainer(cfg, run_dir)
+    interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, [interrupt, *callbacks])
     if trainer.is_global_zero:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if cfg.run.resume and last.is_file() else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except (KeyboardInterrupt, SystemExit):
+        if interrupt.signal is None:
+            raise
+        raise RunInterrupted(interrupt.signal, interrupt.path) from None
     if not trainer.is_global_zero:  # rank 0 alone evaluates and writes the outputs
         return {}
-    return finish(cfg, run_dir, module, datamodule)
+    skipped = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("skipped_samples")
+    }
+    return finish(cfg, run_dir, module, datamodule, skipped)
 
 
 def finish(
-    cfg: DictConfig, run_dir: Path, module: DistillModule, datamodule: DistillDataModule
+    cfg: DictConfig,
+    run_dir: Path,
+    module: DistillModule,
+    datamodule: DistillDataModule,
+    training_counts: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Export, evaluate on the test split, plot, write metrics.json last, print the summary."""
     class_names = datamodule.splits.class_names
@@ -130,6 +193,7 @@ def finish(
             latency_seconds=cfg.run.latency_seconds,
             device=module.device,
         )
+    metrics.update({f"data/{k.replace('/', '_')}": v for k, v in (training_counts or {}).items()})
     write_json(run_dir / "metrics.json", metrics)
     print(format_summary(metrics, run_dir))
     return metrics
@@ -144,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         train(compose(args))
+    except RunInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except MMKDError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -131,3 +131,20 @@ def test_train_py_script_runs_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "teacher/student" in result.stdout
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    overrides = [
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "audio_cnn"),
+        "student.head.classifier=true",
+        "run.seed=3",
+    ]
+    first = run(tmp_path / "a", *overrides)
+    second = run(tmp_path / "b", *overrides)
+    assert first["student/accuracy"] == second["student/accuracy"]
+    a = load_exported(tmp_path / "a" / "student").model.state_dict()
+    b = load_exported(tmp_path / "b" / "student").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -121,8 +121,12 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
             OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
             f"{key}={choice}",
         )
+    required: set[str] = set()
     for node, source in body:
+        required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
         cfg = _merge(cfg, node, source)
+    for key in required:  # merging "???" keeps the old value; mark the key missing again
+        OmegaConf.update(cfg, key, "???")
     if experiment:
         cfg.run.name = experiment
     try:

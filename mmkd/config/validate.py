@@ -111,6 +111,12 @@ def _check_adapter(key: str, spec: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value that is out of range or contradicts another."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{missing[0]}: required, set it on the command line (e.g. {missing[0]}=...)"
+            + (f"; also missing: {', '.join(missing[1:])}" if missing[1:] else "")
+        )
     for key, allowed in CHOICES.items():
         _check_choice(cfg, key, allowed)
     for key in POSITIVE:

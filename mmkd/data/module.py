@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mmkd.adapters.base import Preprocessor
 from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit
@@ -91,6 +91,21 @@ class RoleCollate:
         return batch
 
 
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler over an epoch-seeded sampler that, after a restart, skips the batches the
+    interrupted epoch already trained on (index-level: no sample is loaded for nothing)."""
+
+    resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+
+    def __iter__(self) -> Iterator[list[int]]:
+        resume, self.resume = self.resume, None
+        epoch = getattr(self.sampler, "epoch", None)
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        for position, batch in enumerate(super().__iter__()):
+            if position >= skip:
+                yield batch
+
+
 class DistillDataModule(pl.LightningDataModule):
     """Train / val / test loaders over `splits`, preprocessed per role."""
 
@@ -108,6 +123,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.train_preprocessors = dict(train_preprocessors)
         self.eval_preprocessors = dict(eval_preprocessors)
         self.seed = seed
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) after a restart
         self.train_set = limit(splits.train, cfg.max_train_samples, seed)
         self.val_set = limit(splits.val, cfg.max_eval_samples, seed)
         self.test_set = limit(splits.test, cfg.max_eval_samples, seed)
@@ -133,22 +149,43 @@ class DistillDataModule(pl.LightningDataModule):
             on_error=self.cfg.on_error,
         )
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, **sampling: Any) -> DataLoader:
         workers = self.cfg.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        batch_size = self.cfg.batch_size if train else self.eval_batch_size
+        if not sampling:
+            sampling = {"batch_size": self.cfg.batch_size if train else self.eval_batch_size}
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=train,
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=self._collate(train),
+            **sampling,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        """Shuffled by (run.seed, epoch) and sharded across processes, so any epoch's order can
+        be rebuilt after a restart; `load_state_dict` makes it skip the batches already done."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
+        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, drop_last=False)
+        batches.resume, self._resume_at = self._resume_at, None
+        return self._loader(self.train_set, train=True, batch_sampler=batches)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the epoch (saved in every checkpoint)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:  # applies only if training resumes inside that same epoch
+            self._resume_at = (state["epoch"], state["batches_done"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -1,0 +1,122 @@
+"""Killed runs resume from their last checkpoint and end where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_overrides
+
+from mmkd.export import load_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    "teacher=none",
+    "losses=supervised",
+    "data.train_labels=true",
+    *tiny_overrides("student", "audio_cnn"),
+    "student.head.classifier=true",
+    "student.cnn.dropout=0.3",  # draws from the RNG: resume must restore it
+    "data.demo.num_train=96",
+    "data.demo.num_val=16",
+    "data.demo.num_test=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "run.checkpoint_every_n_steps=1",
+    "run.latency_seconds=0.02",
+]  # 6 steps per epoch; the interruptions below land in epoch 1, mid-epoch
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import pytorch_lightning as pl
+    from mmkd.config import compose
+    from mmkd.train import main, train
+
+    class Stop(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == {step}:
+                os.kill(os.getpid(), signal.{signal})
+
+    args = sys.argv[1:]
+    if "run.resume=true" in args:
+        sys.exit(main(args))
+    import mmkd.train as t
+    original = t.train
+    t.train = lambda cfg: original(cfg, callbacks=[Stop()])
+    sys.exit(main(args))
+""")
+
+
+def run_script(
+    run_dir: Path, *extra: str, step: int = -1, sig: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
+    code = SCRIPT.format(step=step, signal=sig)
+    return subprocess.run(
+        [sys.executable, "-c", code, *OVERRIDES, f"run.dir={run_dir}", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    metrics_a = json.loads((a / "metrics.json").read_text())
+    metrics_b = json.loads((b / "metrics.json").read_text())
+    assert metrics_a["student/accuracy"] == pytest.approx(metrics_b["student/accuracy"], abs=1e-6)
+    weights_a = load_exported(a / "student").model.state_dict()
+    weights_b = load_exported(b / "student").model.state_dict()
+    for key, value in weights_a.items():
+        assert torch.allclose(value.float(), weights_b[key].float(), atol=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    killed = run_script(tmp_path, step=8, sig="SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "metrics.json").exists()  # only a finished run writes it
+    # a second start without run.resume=true refuses to overwrite the interrupted run
+    refused = run_script(tmp_path)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    resumed = run_script(tmp_path, "run.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
+    stopped = run_script(tmp_path, step=9, sig="SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "checkpoint saved" in stopped.stderr and "Traceback" not in stopped.stderr
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] >= 9
+    resumed = run_script(tmp_path, "run.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
+    from mmkd.checkpoint import SafeCheckpointIO
+    from mmkd.errors import CheckpointError
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])  # truncated
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: unreadable checkpoint"):
+        SafeCheckpointIO().load_checkpoint(path)
