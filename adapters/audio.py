@@ -10,6 +10,7 @@ as `soundfile.read` returns it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,20 @@ class AudioPreprocessor(Preprocessor):
             samples, rate = raw
         except (TypeError, ValueError):
             raise DataError("audio must be a (waveform, sample_rate) pair") from None
-        wave = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+        rate = sample_rate(rate)
+        try:
+            array = np.asarray(samples)
+        except ValueError:  # ragged nested sequences
+            raise DataError("audio samples do not form an array") from None
+        if array.dtype.kind not in "buif":
+            raise DataError(f"audio samples have dtype {array.dtype}; expected real numbers")
+        if array.ndim not in (1, 2) or array.size == 0:
+            raise DataError(
+                f"audio has shape {array.shape}; expected (samples,) "
+                "or (samples, channels) with at least one sample"
+            )
+        with np.errstate(over="ignore"):  # too large for float32: inf, reported below
+            wave = torch.as_tensor(array.astype(np.float32))
         if wave.ndim == 2:
             if wave.shape[1] > 1 and not self.cfg["downmix"]:
                 raise DataError(
@@ -69,13 +83,8 @@ class AudioPreprocessor(Preprocessor):
                     "(set audio.downmix=true to average them)"
                 )
             wave = wave.mean(dim=1)
-        if wave.ndim != 1 or wave.numel() == 0:
-            raise DataError(
-                f"audio has shape {tuple(np.shape(samples))}; expected (samples,) "
-                "or (samples, channels) with at least one sample"
-            )
         if not torch.isfinite(wave).all():
-            raise DataError("audio contains NaN or Inf")
+            raise DataError("audio contains NaN or Inf (or values too large for float32)")
         target = self.cfg["sample_rate"]
         if rate != target:
             if not self.cfg["resample"]:
@@ -84,7 +93,7 @@ class AudioPreprocessor(Preprocessor):
                     "(set audio.resample=true to resample)"
                 )
             if rate not in self._resamplers:
-                self._resamplers[rate] = torchaudio.transforms.Resample(int(rate), target)
+                self._resamplers[rate] = make_resampler(rate, target)
             wave = self._resamplers[rate](wave)
         return fit_length(wave, self.num_samples)
 
@@ -95,6 +104,8 @@ class AudioPreprocessor(Preprocessor):
         with torch.no_grad():
             logmel = self.to_db(self.melspec(wave)).unsqueeze(0)  # (1, n_mels, frames)
             logmel = (logmel - logmel.mean()) / (logmel.std() + 1e-5)
+            if not torch.isfinite(logmel).all():  # power overflows float32 (|x| above ~1e16)
+                raise DataError("audio samples are too large: the spectrogram overflows")
             if train and self.cfg["spec_augment"]:
                 logmel = self.masking(logmel)
         return logmel
@@ -102,6 +113,32 @@ class AudioPreprocessor(Preprocessor):
     def collate(self, items: list[Tensor]) -> Batch:
         key = "waveform" if self.output == "waveform" else "logmel"
         return {key: torch.stack(items)}
+
+
+def sample_rate(rate: Any) -> int:
+    """`rate` as a positive integer number of Hz (DataError otherwise)."""
+    value = rate.item() if isinstance(rate, np.integer | np.floating) else rate
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"audio sample rate {rate!r} is not a positive whole number of Hz")
+    return value
+
+
+# torchaudio's Resample builds a (target/g, rate/g + filter width) kernel, g = gcd(rate, target),
+# peaking at ~32 bytes per element: 0.5 GB at this limit, 2 GB for 8001 -> 8000 Hz, far more for
+# a corrupt header's rate. Common rates, NTSC-adjusted ones included, stay well below it.
+MAX_RESAMPLE_KERNEL = 2**24
+
+
+def make_resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
+    common = math.gcd(rate, target)
+    if (rate // common) * (target // common) > MAX_RESAMPLE_KERNEL:
+        raise DataError(
+            f"audio is at {rate} Hz, which cannot be resampled to {target} Hz at a reasonable "
+            "cost (convert the file to a common sample rate)"
+        )
+    return torchaudio.transforms.Resample(rate, target)
 
 
 def fit_length(wave: Tensor, num_samples: int) -> Tensor:

@@ -19,19 +19,28 @@ PIL_MODES = {1: "L", 3: "RGB"}
 
 
 def to_pil(raw: Any) -> Image.Image:
-    """Accept a PIL image, or a uint8 array shaped (H, W), (H, W, 1) or (H, W, 3)."""
+    """Accept a PIL image, or a uint8 array shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)."""
     if isinstance(raw, Image.Image):
-        return raw
-    array = np.asarray(raw)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise DataError(f"image array has shape {array.shape}; expected (H, W) or (H, W, 3)")
-    if array.dtype != np.uint8:
-        if not np.isfinite(array).all():
-            raise DataError("image array contains NaN or Inf")
-        raise DataError(f"image array has dtype {array.dtype}; expected uint8 (0-255)")
-    return Image.fromarray(array)
+        image = raw
+        if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+            raise DataError("image contains NaN or Inf")
+    else:
+        try:
+            array = np.asarray(raw)
+        except ValueError:  # ragged nested sequences
+            raise DataError("image pixels do not form an array") from None
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise DataError(f"image array has shape {array.shape}; expected (H, W) or (H, W, 3)")
+        if array.dtype != np.uint8:
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise DataError("image array contains NaN or Inf")
+            raise DataError(f"image array has dtype {array.dtype}; expected uint8 (0-255)")
+        image = Image.fromarray(array)
+    if image.width == 0 or image.height == 0:
+        raise DataError(f"image has no pixels (size {image.width}x{image.height})")
+    return image
 
 
 class ImagePreprocessor(Preprocessor):
@@ -64,7 +73,10 @@ class ImagePreprocessor(Preprocessor):
                     f"image mode {image.mode} does not match the model's {self.mode} input "
                     "(set image.channel_mismatch=convert to convert it)"
                 )
-            image = image.convert(self.mode)
+            try:
+                image = image.convert(self.mode)
+            except ValueError as err:  # e.g. LAB or La images
+                raise DataError(f"image mode {image.mode} cannot be converted: {err}") from None
         return (self.train_transform if train else self.eval_transform)(image)
 
     def collate(self, items: list[Tensor]) -> Batch:

@@ -72,6 +72,14 @@ class DistillModule(pl.LightningModule):
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
         self.teacher_targets: TeacherCache | None = None  # stored outputs when distill.cache
 
+    def configure_model(self) -> None:
+        """distill.compile_student: compile the students' forward in place (state-dict keys
+        unchanged, so checkpoints and exports are the same with or without it)."""
+        if self.cfg.distill.compile_student and not getattr(self, "_compiled", False):
+            for student in self.students.values():
+                student.compile()
+            self._compiled = True
+
     # ------------------------------------------------------------------ teacher handling
     @property
     def uses_teacher(self) -> bool:

@@ -88,3 +88,41 @@ def test_loss_terms_are_logged_by_name_and_summed_by_weight(monkeypatch):
     assert set(logged) == {"train/kd", "train/ce", "train/loss"}
     expected = 2.0 * logged["train/kd"] + 0.5 * logged["train/ce"]
     assert torch.isclose(total, expected)
+
+
+def nan_terms(module: DistillModule, monkeypatch) -> None:
+    loss = module.losses["student"]
+    real = loss.forward
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms["kd"] = terms["kd"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(loss, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_term(monkeypatch):
+    import pytest
+
+    from mmkd.module import NonFiniteLossError
+
+    module = make_module(kd=1.0, ce=1.0)
+    nan_terms(module, monkeypatch)
+    with pytest.raises(NonFiniteLossError, match=r"train/kd=nan.*nonfinite_loss=skip"):
+        module.training_step(batch_for(module), 0)
+
+
+def test_nonfinite_loss_skip_leaves_the_parameters_alone(monkeypatch):
+    module = make_module(kd=1.0, ce=1.0)
+    module.cfg.distill.nonfinite_loss = "skip"
+    nan_terms(module, monkeypatch)
+    before = {k: v.clone() for k, v in module.students.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    loss = module.training_step(batch_for(module), 0)
+    loss.backward()
+    assert module.skip_step
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    after = dict(module.students.named_parameters())
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the step was skipped

@@ -148,3 +148,32 @@ def test_same_seed_gives_the_same_run(tmp_path):
     a = load_exported(tmp_path / "a" / "student").model.state_dict()
     b = load_exported(tmp_path / "b" / "student").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    metrics = run(
+        tmp_path,
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "image"),
+        "student.head.classifier=true",
+        "trainer.precision=bf16-mixed",
+    )
+    assert 0.0 <= metrics["student/accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_and_exports(tmp_path):
+    metrics = run(
+        tmp_path,
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "audio_cnn"),
+        "student.head.classifier=true",
+        "distill.compile_student=true",
+    )
+    assert 0.0 <= metrics["student/accuracy"] <= 1.0
+    keys = load_exported(tmp_path / "student").model.state_dict().keys()
+    assert not any("_orig_mod" in k for k in keys)

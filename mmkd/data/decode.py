@@ -29,6 +29,8 @@ def check_file(path: PathLike, kind: str) -> Path:
         raise DataError(f"{kind} file {path} not found") from None
     except OSError as err:
         raise DataError(f"{kind} file {path} cannot be read: {err.strerror or err}") from None
+    except ValueError as err:  # e.g. a NUL character in the path
+        raise DataError(f"{kind} file {str(path)!r} is not a valid path: {err}") from None
     if not path.is_file():
         raise DataError(f"{kind} file {path} is not a regular file")
     if size == 0:

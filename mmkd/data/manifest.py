@@ -11,7 +11,8 @@ the distinct train labels as strings, sorted with numbers in numeric order.
 
 Row problems (bad JSON, missing column, unknown label, repeated id) raise `DataError` naming the
 file and row when the dataset is built, or under on_error=skip become `Skipped` samples; files a
-row names are read, and checked, when the sample is loaded.
+row names are read, and checked, when the sample is loaded. A loaded sample also carries
+"where" ("MANIFEST row LINE"), which errors about its content (found in preprocessing) name.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def _jsonl_records(lines: Iterator[str]) -> Iterator[tuple[int, Record]]:
             record = json.loads(text)
         except json.JSONDecodeError as err:
             yield line_no, f"invalid JSON: {err.msg} (column {err.colno})"
+            continue
+        except (ValueError, RecursionError) as err:  # an over-long integer, too deep nesting
+            yield line_no, f"invalid JSON: {err}"
             continue
         yield (
             line_no,
@@ -106,8 +110,19 @@ def _label_text(value: Any) -> str | None:
     return str(value).strip()
 
 
+def _integer(text: str) -> int | None:
+    """`text` as an integer when it is one (optional minus sign, decimal digits)."""
+    if not text.removeprefix("-").isdecimal():
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() accepts
+        return None
+
+
 def _natural(name: str) -> tuple[int, int, str]:
-    return (0, int(name), name) if name.isdigit() else (1, 0, name)
+    number = _integer(name) if name.isdecimal() else None
+    return (1, 0, name) if number is None else (0, number, name)
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,9 @@ class ClassSet:
             raise DataError(f"label {value!r} must be a class name or an integer index")
         if text in self.names:
             return self.names.index(text)
-        if self.indices_allowed and text.lstrip("-").isdigit() and 0 <= int(text) < len(self.names):
-            return int(text)
+        number = _integer(text) if self.indices_allowed else None
+        if number is not None and 0 <= number < len(self.names):
+            return number
         shown = ", ".join(self.names[:10]) + (", ..." if len(self.names) > 10 else "")
         raise DataError(
             f"label {value!r} is not in the class set ({len(self.names)} classes: "
@@ -203,7 +219,7 @@ class ManifestDataset(SafeDataset):
         try:
             if row.error is not None or row.values is None:
                 raise DataError(row.error)
-            sample: RawSample = {"id": row.id, "label": row.label}
+            sample: RawSample = {"id": row.id, "label": row.label, "where": self.where(row.line)}
             for column, value in row.values.items():
                 read = FILE_COLUMNS.get(column)
                 sample[column] = read(self.path.parent / value) if read else value

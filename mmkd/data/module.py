@@ -30,7 +30,8 @@ class RoleCollate:
     """Preprocess every raw sample once per role and batch the results.
 
     A sample that fails (missing modality, undecodable input, label outside the class set)
-    raises `DataError` naming the sample, or is dropped and counted under on_error=skip.
+    raises `DataError` naming the sample (and its "where", e.g. a manifest row, when it has one),
+    or is dropped and counted under on_error=skip.
     """
 
     def __init__(
@@ -71,9 +72,12 @@ class RoleCollate:
             try:
                 prepared.append(self.prepare(sample))
             except DataError as err:
+                name = sample.get("id")
+                if sample.get("where"):
+                    name = f"{name} ({sample['where']})"
                 if self.on_error != "skip":
-                    raise DataError(f"sample {sample.get('id')}: {err}") from None
-                log.warning("skipped sample %s: %s", sample.get("id"), err)
+                    raise DataError(f"sample {name}: {err}") from None
+                log.warning("skipped sample %s: %s", name, err)
                 skipped += 1
                 continue
             kept.append(sample)

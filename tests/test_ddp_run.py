@@ -1,0 +1,69 @@
+"""`train.py` with 2 processes (CPU / gloo DDP) writes what a 1-process run writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import tiny_overrides
+
+from mmkd.export import load_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    *tiny_overrides("teacher", "image"),
+    "teacher.head.embed_dim=16",
+    *tiny_overrides("student", "audio_cnn"),
+    "student.head.classifier=true",
+    "losses=kd",
+    "losses.contrastive.weight=0.5",  # contrastive: negatives from both processes
+    "data.demo.num_train=64",
+    "data.demo.num_val=16",
+    "data.demo.num_test=32",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "trainer.extra={sync_batchnorm: true}",  # the same BatchNorm statistics as one process
+    "distill.cache=true",
+    "run.latency_seconds=0.02",
+]
+
+
+def train_py(run_dir: Path, *overrides: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", *COMMON, *overrides, f"run.dir={run_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def files(run_dir: Path) -> set[str]:
+    return {
+        str(p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if p.is_file() and "teacher_cache" not in p.parts and p.suffix != ".png"
+    }
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process_run(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_py(one, "trainer.devices=1", "data.batch_size=16")
+    # the same global batch: 2 processes x 8 samples (DistributedSampler interleaves them)
+    train_py(two, "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8")
+    assert files(one) == files(two)
+    assert len(list((two / "teacher_cache").iterdir())) == 1  # written once, by rank 0
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    for key in ("student/accuracy", "teacher/accuracy", "student/teacher_agreement"):
+        assert m1[key] == pytest.approx(m2[key], abs=1e-6), key
+    w1 = load_exported(one / "student").model.state_dict()
+    w2 = load_exported(two / "student").model.state_dict()
+    worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
+    assert worst < 1e-4, worst
