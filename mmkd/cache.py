@@ -205,5 +205,11 @@ def open_or_build(
             return folder, False
         except CheckpointError as err:
             log.warning("%s; rebuilding it", err)
-    TeacherCache.build(folder, teacher, dataset, collate, identity, batch_size, device, num_workers)
+    # the pass over the data must not move the training RNG: a run draws the same random
+    # numbers (dropout, shuffling seeds) with the cache as without it
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        TeacherCache.build(
+            folder, teacher, dataset, collate, identity, batch_size, device, num_workers
+        )
     return folder, True

@@ -419,11 +419,13 @@ def mutated(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         return draw(st.binary(max_size=300))
     data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(0, 4))):
+    for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(data) - 1))
         patch = draw(st.binary(min_size=1, max_size=4))
         data[at : at + len(patch)] = patch
-    return bytes(data[: draw(st.integers(0, len(data)))])
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
 
 
 @FUZZ
@@ -512,53 +514,111 @@ def test_fuzz_image_preprocessor_raises_only_data_errors(image_pres, raw, train)
         assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
 
 
-VALUES = st.one_of(
-    st.sampled_from(["good.png", "good.wav", "missing.wav", ".", "/", "a\x00b", "x" * 300, ""]),
-    st.text(max_size=12),
+ODD = st.one_of(  # any JSON value where a manifest expects a string
+    st.text(max_size=8),
     st.integers(-5, 5) | st.integers(),
     st.floats(),
     st.booleans(),
     st.none(),
     st.lists(st.integers(), max_size=2),
 )
-KEYS = st.sampled_from(["image", "audio", "text", "label", "id"]) | st.text(max_size=5)
+FILES = ["good.png", "gray.png", "good.wav", "stereo.wav", "16k.wav", "nan.wav", "missing.wav"]
+PATHS = st.sampled_from([*FILES, ".", "/", "a\x00b", "x" * 300, ""])
+LABELS = st.sampled_from(["zero", "one", "two", "seven", "1", "-1", "--1", "-0", "²", "٣", "3"])
+COLUMN_VALUES = {
+    "image": PATHS,
+    "audio": PATHS,
+    "text": st.sampled_from(["a dog", " ", ""]) | st.text(max_size=6),
+    "label": LABELS | st.integers(-2, 4),
+    "id": st.sampled_from(["a", "b", "1"]) | st.integers(0, 2),
+}
+
+
+@st.composite
+def manifest_row(draw: st.DrawFn) -> dict[str, Any]:
+    """A plausible row (the files of `fuzz_folder`), then a few columns dropped or replaced."""
+    row = {
+        "image": draw(st.sampled_from(["good.png", "good.png", "gray.png"])),
+        "audio": draw(st.sampled_from(["good.wav", "good.wav", "stereo.wav", "16k.wav"])),
+        "text": "a dog",
+        "label": draw(st.sampled_from(["zero", "one", "two", 1])),
+    }
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+        column = draw(st.sampled_from(list(COLUMN_VALUES)))
+        change = draw(st.sampled_from(["drop", "value", "odd"]))
+        if change == "drop":
+            row.pop(column, None)
+        else:
+            row[column] = draw(COLUMN_VALUES[column] if change == "value" else ODD)
+    return row
+
+
+JUNK_LINES = st.text(max_size=20) | st.sampled_from(
+    ["[1]", '"x"', "[" * 5000, "1" * 5000, '{"a":', "null", '{"image": NaN}']
+)
 JSON_LINES = st.lists(
-    st.dictionaries(KEYS, VALUES, max_size=6).map(json.dumps)
-    | st.text(max_size=30)
-    | st.sampled_from(["[1]", '"x"', "[" * 5000, "1" * 5000, "{" + '"a":' * 3, "null"]),
+    manifest_row().map(json.dumps) | manifest_row().map(json.dumps) | JUNK_LINES,
+    min_size=2,
     max_size=8,
 ).map("\n".join)
-CSV_TEXT = st.lists(
-    st.lists(
-        st.sampled_from(["image", "audio", "text", "label", "id", "good.png", "good.wav", "zero"])
-        | st.text(alphabet=',"\n\r \x00ab1-', max_size=6),
-        max_size=5,
-    ).map(",".join),
-    max_size=8,
-).map("\n".join)
+
+
+@st.composite
+def csv_text(draw: st.DrawFn) -> str:
+    """A header of known (sometimes repeated or odd) columns, rows of plausible or garbled cells."""
+    header = draw(
+        st.just(["image", "audio", "text", "label"])
+        | st.lists(st.sampled_from([*COLUMN_VALUES, "extra", ""]), min_size=1, max_size=5)
+    )
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for _ in range(draw(st.integers(1, 6))):
+        row = draw(manifest_row())
+        cells = [str(row.get(name, "")) for name in header]
+        writer.writerow(cells + draw(st.sampled_from([[], [], [], ["extra"]])))
+    text = out.getvalue()
+    if draw(st.booleans()):  # garble it: quotes, NULs, stray line breaks
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.text(alphabet=',"\n\r \x00', max_size=3)) + text[at:]
+    return text
+
+
+def fuzz_folder(root: Path) -> None:
+    """The files fuzzed manifests name: good ones and bad ones."""
+    Image.new("RGB", (6, 5)).save(root / "good.png")
+    Image.new("L", (6, 5)).save(root / "gray.png")
+    sf.write(root / "good.wav", np.zeros(400, dtype=np.float32), 8000)
+    sf.write(root / "stereo.wav", np.zeros((400, 2), dtype=np.float32), 8000)
+    sf.write(root / "16k.wav", np.zeros(800, dtype=np.float32), 16000)
+    sf.write(root / "nan.wav", np.full(40, np.nan, dtype=np.float32), 8000, subtype="FLOAT")
 
 
 @FUZZ
 @given(
-    content=JSON_LINES.map(lambda t: (".jsonl", t.encode()))
-    | CSV_TEXT.map(lambda t: (".csv", t.encode()))
-    | st.tuples(st.sampled_from([".jsonl", ".csv"]), st.binary(max_size=60)),
-    class_names=st.none() | st.lists(st.sampled_from(["zero", "one", "1", "-1", "٣"]), max_size=3),
+    content=st.one_of(
+        *[JSON_LINES.map(lambda t: (".jsonl", t.encode()))] * 2,
+        *[csv_text().map(lambda t: (".csv", t.encode()))] * 2,
+        st.tuples(st.sampled_from([".jsonl", ".csv"]), st.binary(max_size=60)),
+    ),
+    class_names=st.sampled_from([None, CLASSES]) | st.lists(LABELS, max_size=3),
     on_error=st.sampled_from(["raise", "skip"]),
 )
 def test_fuzz_manifest_loader_raises_only_mmkd_errors(
     content, class_names, on_error, data_cfg, preprocessors
 ):
+    """Build, load and collate: only DataError/ConfigError; under skip, every row that is not
+    kept is counted."""
     suffix, data = content
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        Image.new("RGB", (6, 5)).save(root / "good.png")
-        sf.write(root / "good.wav", np.zeros(400, dtype=np.float32), 8000)
+        fuzz_folder(root)
         path = root / f"m{suffix}"
         path.write_bytes(data)
         manifest = {"train": str(path), "class_names": class_names}
+        cfg = data_cfg("manifest", on_error=on_error, val_fraction=0.5, manifest=manifest)
         try:
-            splits = build_splits(data_cfg("manifest", on_error=on_error, manifest=manifest), 0)
+            splits = build_splits(cfg, 0)
         except (ConfigError, DataError) as err:
             assert str(path) in str(err) or str(err).startswith("data.manifest.")
             return

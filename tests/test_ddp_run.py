@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     *tiny_overrides("teacher", "image"),
     "teacher.head.embed_dim=16",
+    "teacher.head.classifier=true",
     *tiny_overrides("student", "audio_cnn"),
     "student.head.classifier=true",
     "losses=kd",
+    "data.train_labels=true",
     "losses.contrastive.weight=0.5",  # contrastive: negatives from both processes
     "data.demo.num_train=64",
     "data.demo.num_val=16",

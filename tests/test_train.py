@@ -35,6 +35,17 @@ CONTRACT_KEYS = (
 )
 
 
+def supervised(adapter: str) -> list[str]:
+    """A teacher-less tiny `adapter` student trained from labels."""
+    return [
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", adapter),
+        "student.head.classifier=true",
+    ]
+
+
 def run(run_dir: Path, *overrides: str) -> dict[str, float]:
     assert main([*SMALL, f"run.dir={run_dir}", *overrides]) == 0
     return json.loads((run_dir / "metrics.json").read_text())
@@ -46,11 +57,7 @@ def image_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("image_teacher")
     run(
         run_dir,
-        "teacher=none",
-        "losses=supervised",
-        "data.train_labels=true",
-        *tiny_overrides("student", "image"),
-        "student.head.classifier=true",
+        *supervised("image"),
         "student.head.embed_dim=16",
     )
     return run_dir
@@ -134,14 +141,7 @@ def test_train_py_script_runs_from_the_command_line(tmp_path):
 
 
 def test_same_seed_gives_the_same_run(tmp_path):
-    overrides = [
-        "teacher=none",
-        "losses=supervised",
-        "data.train_labels=true",
-        *tiny_overrides("student", "audio_cnn"),
-        "student.head.classifier=true",
-        "run.seed=3",
-    ]
+    overrides = [*supervised("audio_cnn"), "run.seed=3"]
     first = run(tmp_path / "a", *overrides)
     second = run(tmp_path / "b", *overrides)
     assert first["student/accuracy"] == second["student/accuracy"]
@@ -153,11 +153,7 @@ def test_same_seed_gives_the_same_run(tmp_path):
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     metrics = run(
         tmp_path,
-        "teacher=none",
-        "losses=supervised",
-        "data.train_labels=true",
-        *tiny_overrides("student", "image"),
-        "student.head.classifier=true",
+        *supervised("image"),
         "trainer.precision=bf16-mixed",
     )
     assert 0.0 <= metrics["student/accuracy"] <= 1.0
@@ -167,11 +163,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
 def test_compiled_student_trains_and_exports(tmp_path):
     metrics = run(
         tmp_path,
-        "teacher=none",
-        "losses=supervised",
-        "data.train_labels=true",
-        *tiny_overrides("student", "audio_cnn"),
-        "student.head.classifier=true",
+        *supervised("audio_cnn"),
         "distill.compile_student=true",
     )
     assert 0.0 <= metrics["student/accuracy"] <= 1.0
