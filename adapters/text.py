@@ -88,6 +88,9 @@ class TextAdapter(Adapter):
         cfg = self.spec.text
         self.tokenizer = load_tokenizer(cfg, self.key)
         model = load_text_model(cfg, self.key)
+        if getattr(model, "pooler", None) is not None:
+            # we pool ourselves; an unused pooler would also break DDP (unused parameters)
+            model.pooler = None
         return model, model.config.hidden_size
 
     def export_spec(self, folder: Path) -> DictConfig:

@@ -37,6 +37,20 @@ class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
 
 
+def freeze_unused_head(student: Adapter, loss: DistillLoss, role: str) -> None:
+    """Freeze the head parts no loss term trains (they would stay random, and DDP refuses
+    parameters that receive no gradient)."""
+    uses_logits = "kd" in loss.weights or "ce" in loss.weights
+    uses_embedding = bool({"embed", "contrastive", "relational"} & set(loss.weights))
+    head = student.head
+    if head.classifier is not None and not uses_logits:
+        log.info("%s: no loss term uses class logits; its classifier is frozen", role)
+        head.classifier.requires_grad_(False)
+    if not uses_embedding and any(True for _ in head.proj.parameters()):
+        log.info("%s: no loss term uses the embedding; its projection is frozen", role)
+        head.proj.requires_grad_(False)
+
+
 class DistillModule(pl.LightningModule):
     def __init__(
         self,
@@ -59,6 +73,8 @@ class DistillModule(pl.LightningModule):
                 for role, student in students.items()
             }
         )
+        for role, student in students.items():
+            freeze_unused_head(student, self.losses[role], role)
         self.class_names = list(class_names or [])
         self.class_prompts = list(class_prompts or [])
         # zero-shot classifier: the teacher's embeddings of the class prompts (text teachers)

@@ -42,7 +42,7 @@ from mmkd.train import main
 CLASSES = ["zero", "one", "two"]
 COLUMNS = ["image", "audio", "text", "label"]
 FUZZ = settings(
-    max_examples=60,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -82,7 +82,7 @@ def nan_wav(media) -> str:
     return "bad/nan.wav"
 
 
-def nan_tiff(media) -> str:
+def inf_tiff(media) -> str:
     pixels = np.full((10, 12), 0.5, dtype=np.float32)
     pixels[3, 4] = np.inf
     Image.fromarray(pixels, mode="F").save(media.path("bad/inf.tiff"))
@@ -195,7 +195,7 @@ CASES = [
     ),
     Case(
         "inf-in-float-image",
-        lambda m: {"image": nan_tiff(m)},
+        lambda m: {"image": inf_tiff(m)},
         SAMPLE + "image contains NaN or Inf",
     ),
     Case(
@@ -324,6 +324,7 @@ RUN = [
     *tiny_overrides("student", "audio_cnn"),
     "student.head.classifier=true",
     "teacher=none",
+    "distill.cache=false",  # the default experiment caches its teacher; there is none here
     "losses=supervised",
     "data.train_labels=true",
     "data.name=manifest",

@@ -149,5 +149,3 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "losses.ce.weight: is > 0 but data.train_labels=false keeps labels from the loss"
         )
-    if cfg.distill.cache and cfg.teacher is None:
-        raise ConfigError("distill.cache: is true but there is no teacher to cache")
