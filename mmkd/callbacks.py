@@ -9,16 +9,36 @@ import pytorch_lightning as pl
 
 
 class EpochTimer(pl.Callback):
-    """Logs the wall time of each training epoch (`time/train_epoch_s`, teacher-cache build
-    excluded) and its throughput (`time/train_samples_per_s`, this process's samples)."""
+    """Logs the wall time of each training epoch (`time/train_epoch_s`: the training batches
+    only, validation and the teacher-cache build excluded), of its validation
+    (`time/val_epoch_s`), and the training throughput (`time/train_samples_per_s`)."""
 
     def __init__(self) -> None:
         self.start = 0.0
         self.samples = 0
+        self.val_start = 0.0
+        self.val_seconds = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.samples = 0
+        self.val_seconds = 0.0
         self.start = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.val_seconds += time.perf_counter() - self.val_start
+        pl_module.log(
+            "time/val_epoch_s",
+            self.val_seconds,
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="max",
+            sync_dist=True,
+        )
 
     def on_train_batch_end(
         self,
@@ -31,7 +51,7 @@ class EpochTimer(pl.Callback):
         self.samples += len(batch["ids"])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seconds = time.perf_counter() - self.start
+        seconds = time.perf_counter() - self.start - self.val_seconds
         pl_module.log(
             "time/train_epoch_s",
             seconds,

@@ -86,7 +86,8 @@ class DistillModule(pl.LightningModule):
             else {}
         )
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
-        self.teacher_targets: TeacherCache | None = None  # stored outputs when distill.cache
+        # stored teacher outputs per split ("train", "val") when distill.cache is on
+        self.teacher_targets: dict[str, TeacherCache] = {}
 
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
@@ -114,10 +115,10 @@ class DistillModule(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def teacher_forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def teacher_forward(self, batch: dict[str, Any], split: str) -> tuple[Tensor, Tensor | None]:
         """(embedding, logits) of the teacher for this batch, from the cache when one is set."""
-        if self.teacher_targets is not None:
-            return self.teacher_targets.lookup(batch["ids"], device=self.device)
+        if split in self.teacher_targets:
+            return self.teacher_targets[split].lookup(batch["ids"], device=self.device)
         out = self.teacher(batch["inputs"]["teacher"])
         return out.embedding, out.logits
 
@@ -134,9 +135,11 @@ class DistillModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.compute_class_embeddings()
         if self.cfg.distill.cache and self.uses_teacher:
-            self.teacher_targets = self.open_teacher_cache()
+            datamodule = self.trainer.datamodule
+            for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+                self.teacher_targets[split] = self.open_teacher_cache(split, dataset)
 
-    def open_teacher_cache(self) -> TeacherCache:
+    def open_teacher_cache(self, split: str, dataset: Any) -> TeacherCache:
         """Global rank 0 builds the cache entry if it is missing or damaged; every rank reads it."""
         datamodule = self.trainer.datamodule
         cfg = self.cfg
@@ -151,15 +154,15 @@ class DistillModule(pl.LightningModule):
         folder, _ = open_or_build(
             root,
             self.teacher,
-            datamodule.train_set,
+            dataset,
             collate,
-            datamodule.identity(),
+            datamodule.identity(split),
             batch_size=datamodule.eval_batch_size,
             device=self.device,
             build=self.trainer.is_global_zero,
             num_workers=cfg.data.num_workers,
         )
-        self.trainer.strategy.barrier("teacher-cache")
+        self.trainer.strategy.barrier(f"teacher-cache-{split}")
         return TeacherCache.open(folder)
 
     # ------------------------------------------------------------------ steps
@@ -181,7 +184,7 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self.log_skipped(batch, "train")
         size = len(batch["ids"])
-        teacher = self.teacher_forward(batch) if self.uses_teacher and size else None
+        teacher = self.teacher_forward(batch, "train") if self.uses_teacher and size else None
         total = None
         named: dict[str, Tensor] = {}
         if size:
@@ -239,7 +242,7 @@ class DistillModule(pl.LightningModule):
         size = len(batch["ids"])
         if not size:
             return
-        teacher = self.teacher_forward_eval(batch) if self.uses_teacher else None
+        teacher = self.teacher_forward(batch, "val") if self.uses_teacher else None
         labels = batch.get("labels")
         total = 0.0
         for role, out, terms in self.student_losses(batch, teacher, local_gather):
@@ -250,12 +253,6 @@ class DistillModule(pl.LightningModule):
                 name = "val/accuracy" if role == "student" else f"val/{role}/accuracy"
                 self.log(name, self.val_accuracy[role], prog_bar=role == "student", batch_size=size)
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=size)
-
-    def teacher_forward_eval(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-        """Teacher outputs on evaluation batches: a live forward (the cache is train-only)."""
-        with torch.no_grad():
-            out = self.teacher(batch["inputs"]["teacher"])
-        return out.embedding, out.logits
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -136,12 +136,12 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     teacher, students = build_models(cfg, splits)
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
     module = DistillModule(cfg, teacher, students, splits.class_names, prompts)
-    eval_pre = {role: model.make_preprocessor() for role, model in students.items()}
+    test_pre = {role: model.make_preprocessor() for role, model in students.items()}
     if teacher is not None:
-        eval_pre["teacher"] = teacher.make_preprocessor()
+        test_pre["teacher"] = teacher.make_preprocessor()
     live_teacher = module.uses_teacher and not cfg.distill.cache  # else no teacher input needed
-    train_pre = {role: pre for role, pre in eval_pre.items() if role != "teacher" or live_teacher}
-    datamodule = DistillDataModule(cfg.data, splits, train_pre, eval_pre, seed=cfg.run.seed)
+    fit_pre = {role: pre for role, pre in test_pre.items() if role != "teacher" or live_teacher}
+    datamodule = DistillDataModule(cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed)
     interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, [interrupt, *callbacks])
     if trainer.is_global_zero:

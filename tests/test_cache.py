@@ -119,7 +119,7 @@ def test_cached_and_live_teacher_train_the_same_student(tmp_path):
     ]
     assert main([*common, "distill.cache=false", f"run.dir={tmp_path / 'live'}"]) == 0
     assert main([*common, "distill.cache=true", f"run.dir={tmp_path / 'cached'}"]) == 0
-    assert len(list((tmp_path / "cached" / "teacher_cache").iterdir())) == 1
+    assert len(list((tmp_path / "cached" / "teacher_cache").iterdir())) == 2  # train, val
     live = load_exported(tmp_path / "live" / "student").model.state_dict()
     cached = load_exported(tmp_path / "cached" / "student").model.state_dict()
     for key, value in live.items():

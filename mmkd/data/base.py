@@ -7,6 +7,7 @@ A dataset item is a *raw sample*: a dict with
     "image": PIL.Image or uint8 array (H, W) / (H, W, 3)
     "audio": (waveform float array (samples,) or (samples, channels), sample_rate int)
     "text":  str
+    "where": optional str naming the source (e.g. "train.jsonl row 7") for error messages
 Decoding errors raise `DataError` naming the file or row. Under `data.on_error=skip` a dataset
 returns `Skipped(id, reason)` instead, and the collate function drops and counts it.
 """

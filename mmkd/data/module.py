@@ -111,21 +111,24 @@ class ResumableBatchSampler(BatchSampler):
 
 
 class DistillDataModule(pl.LightningDataModule):
-    """Train / val / test loaders over `splits`, preprocessed per role."""
+    """Train / val / test loaders over `splits`, preprocessed per role.
+
+    `fit_preprocessors` serve training and validation (no teacher input when its outputs are
+    cached); `test_preprocessors` serve the test split (every model)."""
 
     def __init__(
         self,
         cfg: DictConfig,
         splits: DatasetSplits,
-        train_preprocessors: Mapping[str, Preprocessor],
-        eval_preprocessors: Mapping[str, Preprocessor],
+        fit_preprocessors: Mapping[str, Preprocessor],
+        test_preprocessors: Mapping[str, Preprocessor],
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.splits = splits
-        self.train_preprocessors = dict(train_preprocessors)
-        self.eval_preprocessors = dict(eval_preprocessors)
+        self.fit_preprocessors = dict(fit_preprocessors)
+        self.test_preprocessors = dict(test_preprocessors)
         self.seed = seed
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) after a restart
         self.train_set = limit(splits.train, cfg.max_train_samples, seed)
@@ -136,24 +139,27 @@ class DistillDataModule(pl.LightningDataModule):
     def eval_batch_size(self) -> int:
         return self.cfg.eval_batch_size or self.cfg.batch_size
 
-    def identity(self) -> dict[str, Any]:
-        """What determines the training samples (keys the teacher cache)."""
+    def identity(self, split: str = "train") -> dict[str, Any]:
+        """What determines the samples of `split` (keys the teacher cache)."""
         data = OmegaConf.to_container(self.cfg, resolve=True)
         assert isinstance(data, dict)
         for loader_only in ("batch_size", "eval_batch_size", "num_workers", "on_error"):
             data.pop(loader_only, None)
-        return {"data": data, "seed": self.seed, "train_size": len(self.train_set)}
+        size = len(self.train_set if split == "train" else self.val_set)
+        return {"data": data, "seed": self.seed, "split": split, "size": size}
 
-    def _collate(self, train: bool) -> RoleCollate:
+    def _collate(self, train: bool, test: bool = False) -> RoleCollate:
         return RoleCollate(
-            self.train_preprocessors if train else self.eval_preprocessors,
+            self.test_preprocessors if test else self.fit_preprocessors,
             train=train,
             keep_labels=self.cfg.train_labels or not train,
             num_classes=self.splits.num_classes,
             on_error=self.cfg.on_error,
         )
 
-    def _loader(self, dataset: Dataset, train: bool, **sampling: Any) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, train: bool, test: bool = False, **sampling: Any
+    ) -> DataLoader:
         workers = self.cfg.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,7 +169,7 @@ class DistillDataModule(pl.LightningDataModule):
             dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
-            collate_fn=self._collate(train),
+            collate_fn=self._collate(train, test),
             **sampling,
         )
 
@@ -195,4 +201,4 @@ class DistillDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, test=True)
