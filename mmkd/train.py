@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mmkd.callbacks import EpochTimer
 from mmkd.checkpoint import CheckpointOnInterrupt, SafeCheckpointIO
@@ -114,14 +115,18 @@ def build_trainer(
         save_top_k=0,
         every_n_train_steps=cfg.run.checkpoint_every_n_steps,
     )
-    return pl.Trainer(
-        **kwargs,
-        **extra,
-        default_root_dir=str(run_dir),
-        callbacks=[checkpoint, EpochTimer(), *callbacks],
-        plugins=[SafeCheckpointIO()],
-        logger=CSVLogger(save_dir=str(run_dir), name="", version="logs"),
-    )
+    try:
+        return pl.Trainer(
+            **kwargs,
+            **extra,
+            default_root_dir=str(run_dir),
+            callbacks=[checkpoint, EpochTimer(), *callbacks],
+            plugins=[SafeCheckpointIO()],
+            logger=CSVLogger(save_dir=str(run_dir), name="", version="logs"),
+        )
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        # Lightning checks accelerator / strategy / precision combinations here
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]}") from None
 
 
 def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:

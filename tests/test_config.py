@@ -120,3 +120,18 @@ def test_kd_needs_a_classifier_on_every_model():
     cfg = compose_and_validate("losses.kd.weight=1")  # MiniLM teacher has no classifier
     with pytest.raises(ConfigError, match=r"teacher\.head\.classifier: losses\.kd needs"):
         check_kd_heads(cfg)
+
+
+def test_lightning_rejections_are_reported_as_config_errors(capsys, tmp_path):
+    code = main(
+        [
+            "trainer.strategy=fsdp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"run.dir={tmp_path}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: trainer: ")
+    assert "requires a GPU" in err and "Traceback" not in err
