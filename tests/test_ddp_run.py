@@ -72,4 +72,5 @@ def test_two_process_run_matches_one_process_run(tmp_path):
     w1 = load_exported(one / "student").model.state_dict()
     w2 = load_exported(two / "student").model.state_dict()
     worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
+    print(f"2 vs 1 process: largest weight difference {worst:.2e}")
     assert worst < 1e-4, worst

@@ -73,8 +73,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert metrics_a["student/accuracy"] == pytest.approx(metrics_b["student/accuracy"], abs=1e-6)
     weights_a = load_exported(a / "student").model.state_dict()
     weights_b = load_exported(b / "student").model.state_dict()
-    for key, value in weights_a.items():
-        assert torch.allclose(value.float(), weights_b[key].float(), atol=1e-5), key
+    worst = max(float((v.float() - weights_b[k].float()).abs().max()) for k, v in weights_a.items())
+    print(f"resumed vs uninterrupted: largest weight difference {worst:.2e}")
+    assert worst <= 1e-5
 
 
 @pytest.fixture(scope="module")
