@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tiny import tiny_overrides, tiny_spec
+from tiny import small_run, tiny_overrides, tiny_spec
 
 from mmkd.adapters import build_adapter
 from mmkd.cache import TeacherCache, open_or_build
@@ -109,13 +109,7 @@ def test_cached_and_live_teacher_train_the_same_student(tmp_path):
         "losses=kd",
         "losses.embed.weight=0.5",
         "data.train_labels=true",
-        "data.demo.num_train=48",
-        "data.demo.num_val=16",
-        "data.demo.num_test=16",
-        "data.batch_size=16",
-        "trainer.max_epochs=2",
-        "trainer.enable_progress_bar=false",
-        "run.latency_seconds=0.02",
+        *small_run(epochs=2),
     ]
     assert main([*common, "distill.cache=false", f"run.dir={tmp_path / 'live'}"]) == 0
     assert main([*common, "distill.cache=true", f"run.dir={tmp_path / 'cached'}"]) == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_overrides
+from tiny import small_run, tiny_overrides
 
 from mmkd.evaluate import main as evaluate_main
 from mmkd.evaluate import retrieval_metrics
@@ -26,13 +26,7 @@ def bind_run(tmp_path_factory):
             "student.head.classifier=false",
             *tiny_overrides("extra_students.image", "image"),
             "extra_students.image.head.classifier=false",
-            "data.demo.num_train=48",
-            "data.demo.num_val=16",
-            "data.demo.num_test=30",
-            "data.batch_size=16",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "run.latency_seconds=0.02",
+            *small_run(test=30),
             f"run.dir={run_dir}",
         ]
     )

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tiny import tiny_overrides
+from tiny import small_run, tiny_overrides
 
 from mmkd.cli import main as mmkd_main
 from mmkd.data.demo import DemoDataset
@@ -17,13 +17,7 @@ from mmkd.export import load_exported
 from mmkd.train import main
 
 SMALL = [
-    "data.demo.num_train=64",
-    "data.demo.num_val=16",
-    "data.demo.num_test=16",
-    "data.batch_size=16",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "run.latency_seconds=0.02",
+    *small_run(train=64),
     "teacher=none",
     "losses=supervised",
     "data.train_labels=true",

@@ -3,7 +3,7 @@ the training batches carry none."""
 
 from __future__ import annotations
 
-from tiny import tiny_overrides
+from tiny import small_run, tiny_overrides
 
 from mmkd.config import compose, validate
 from mmkd.losses import DistillLoss
@@ -55,13 +55,7 @@ def test_no_label_reaches_the_loss_during_training(tmp_path, monkeypatch):
             *tiny_overrides("teacher", "image"),
             "teacher.head.embed_dim=16",
             *tiny_overrides("student", "audio_cnn"),
-            "data.demo.num_train=48",
-            "data.demo.num_val=16",
-            "data.demo.num_test=16",
-            "data.batch_size=16",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "run.latency_seconds=0.02",
+            *small_run(),
             f"run.dir={tmp_path}",
         ]
     )

@@ -81,3 +81,16 @@ def tiny_overrides(role: str, name: str) -> list[str]:
         else f"{role}.{key}={value}"
         for key, value in TINY_SPECS[name].items()
     ]
+
+
+def small_run(train: int = 48, test: int = 16, epochs: int = 1) -> list[str]:
+    """Overrides for a quick run on the generated demo data (a few seconds on 2 cores)."""
+    return [
+        f"data.demo.num_train={train}",
+        "data.demo.num_val=16",
+        f"data.demo.num_test={test}",
+        "data.batch_size=16",
+        f"trainer.max_epochs={epochs}",
+        "trainer.enable_progress_bar=false",
+        "run.latency_seconds=0.02",
+    ]
