@@ -85,8 +85,8 @@ def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = No
     path = Path(output) if output else Path(folder) / default
     with atomic_path(path) as tmp, torch.no_grad():
         if fmt == "onnx":
-            # the TorchScript-based exporter: torch.export cannot yet keep the batch axis
-            # dynamic through every adapter (timm's pooling specialises it)
+            # the TorchScript-based exporter: with a dynamic batch axis, torch.export (dynamo=True)
+            # failed on every adapter we tried in torch 2.14
             torch.onnx.export(
                 wrapper,
                 tuple(example.values()),
