@@ -31,4 +31,6 @@ def create_backbone(cfg: DictConfig, *, in_chans: int, key: str) -> tuple[nn.Mod
         )
     except TypeError as err:
         raise ConfigError(f"{key}.timm.kwargs: {cfg.model} does not accept them: {err}") from None
-    return model, model.num_features
+    # with num_classes=0 a timm model returns pooled pre-logits features: `head_hidden_size`
+    # wide where a model has a hidden head layer (MobileNetV3's conv_head), else num_features
+    return model, getattr(model, "head_hidden_size", None) or model.num_features

@@ -479,3 +479,12 @@ def test_text_pooling_cls_vs_mean(built: dict[str, Adapter]) -> None:
     mask = batch["attention_mask"].unsqueeze(-1).float()
     assert torch.allclose(mean_features, (hidden * mask).sum(1) / mask.sum(1), atol=1e-6)
     assert not torch.allclose(cls_features, mean_features, atol=1e-3)
+
+
+def test_timm_feature_width_comes_from_what_the_model_returns():
+    """MobileNetV3's pooled output (1024) is wider than its num_features (288)."""
+    spec = tiny_spec("image", timm__model="mobilenetv3_small_050")
+    spec.timm.kwargs = {}  # drop the tiny ResNet's arguments
+    adapter = build_adapter(spec)
+    assert adapter.feature_dim == 1024
+    assert adapter(adapter.example_batch(2)).embedding.shape == (2, 16)

@@ -135,3 +135,12 @@ def test_lightning_rejections_are_reported_as_config_errors(capsys, tmp_path):
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: trainer: ")
     assert "requires a GPU" in err and "Traceback" not in err
+
+
+def test_a_mapping_on_the_command_line_replaces_a_free_form_mapping():
+    cfg = compose(["student.timm.model=mobilenetv3_small_050", "student.timm.kwargs={}"])
+    assert dict(cfg.student.timm.kwargs) == {}  # the tiny_image ResNet arguments are gone
+    cfg = compose(["student.timm.kwargs={drop_rate: 0.1}"])
+    assert dict(cfg.student.timm.kwargs) == {"drop_rate": 0.1}
+    cfg = compose(["student.image={img_size: 48}"])  # typed sections still merge
+    assert cfg.student.image.img_size == 48 and cfg.student.image.in_chans == 3

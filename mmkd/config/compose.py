@@ -133,7 +133,22 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         cli = OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    return _merge(cfg, cli, "command line")
+    cfg = _merge(cfg, cli, "command line")
+    _replace_free_mappings(cfg, dotlist)
+    return cfg
+
+
+def _replace_free_mappings(cfg: DictConfig, dotlist: list[str]) -> None:
+    """`key={...}` on the command line *sets* a free-form mapping (timm.kwargs, trainer.extra,
+    ...) instead of merging into it, so `student.timm.kwargs={}` clears inherited arguments.
+    Typed sections (dataclasses) still merge."""
+    for item in dotlist:
+        key = item.partition("=")[0]
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+        node = OmegaConf.select(cfg, key)
+        free = isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
+        if free and isinstance(value, DictConfig):
+            OmegaConf.update(cfg, key, value, merge=False)
 
 
 def _nest(key: str, node: DictConfig) -> DictConfig:
