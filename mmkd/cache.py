@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from mmkd.adapters import Adapter
 from mmkd.errors import CheckpointError, ConfigError
@@ -150,8 +151,6 @@ class TeacherCache:
         ids: list[str] = []
         chunks: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
         teacher.eval()
-        from tqdm.auto import tqdm  # progress on a long pass over the data
-
         for batch in tqdm(loader, desc="teacher cache", leave=False):
             if not batch["ids"]:
                 continue

@@ -86,13 +86,15 @@ class DistillModule(pl.LightningModule):
             else {}
         )
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
+        self._pending_rng: dict[str, Any] | None = None  # RNG state from a resumed checkpoint
+        self._compiled = False
         # stored teacher outputs per split ("train", "val") when distill.cache is on
         self.teacher_targets: dict[str, TeacherCache] = {}
 
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
         unchanged, so checkpoints and exports are the same with or without it)."""
-        if self.cfg.distill.compile_student and not getattr(self, "_compiled", False):
+        if self.cfg.distill.compile_student and not self._compiled:
             for student in self.students.values():
                 student.compile()
             self._compiled = True
@@ -181,7 +183,7 @@ class DistillModule(pl.LightningModule):
     def _name(stage: str, role: str, term: str) -> str:
         return f"{stage}/{term}" if role == "student" else f"{stage}/{role}/{term}"
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.log_skipped(batch, "train")
         size = len(batch["ids"])
         teacher = self.teacher_forward(batch, "train") if self.uses_teacher and size else None
@@ -273,7 +275,7 @@ class DistillModule(pl.LightningModule):
         self._pending_rng = checkpoint.get("mmkd_rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng", None) is not None:
+        if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 

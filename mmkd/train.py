@@ -47,13 +47,14 @@ RUN_DIR_ENV = "MMKD_RUN_DIR"  # shares a generated run dir with DDP worker proce
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
-    """run.dir, or runs/<name>-<timestamp> chosen once and shared with spawned workers."""
+    """run.dir, or runs/<name>-<timestamp> chosen by the launching process and inherited by
+    the DDP workers Lightning starts (they have LOCAL_RANK > 0)."""
     if not cfg.run.dir:
-        chosen = (
-            os.environ.get(RUN_DIR_ENV) or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        os.environ[RUN_DIR_ENV] = chosen
-        cfg.run.dir = chosen
+        if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_ENV in os.environ:
+            cfg.run.dir = os.environ[RUN_DIR_ENV]
+        else:  # a new run, even when one process trains several in a row
+            cfg.run.dir = f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.environ[RUN_DIR_ENV] = cfg.run.dir
     return Path(cfg.run.dir)
 
 
@@ -200,7 +201,8 @@ def finish(
         )
     metrics.update({f"data/{k.replace('/', '_')}": v for k, v in (training_counts or {}).items()})
     write_json(run_dir / "metrics.json", metrics)
-    print(format_summary(metrics, run_dir))
+    if metrics:  # run.test=false leaves nothing to tabulate
+        print(format_summary(metrics, run_dir))
     return metrics
 
 

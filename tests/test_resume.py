@@ -101,9 +101,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
-    stopped = run_script(tmp_path, step=9, sig="SIGTERM")
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path, sig, code):
+    stopped = run_script(tmp_path, step=9, sig=sig)
+    assert stopped.returncode == code, stopped.stderr[-3000:]
     assert "checkpoint saved" in stopped.stderr and "Traceback" not in stopped.stderr
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] >= 9
