@@ -10,6 +10,8 @@ from torch import nn
 
 from mmkd.errors import ConfigError
 
+from . import cifar_models  # noqa: F401  (registers the CIFAR ResNets with timm)
+
 
 def create_backbone(cfg: DictConfig, *, in_chans: int, key: str) -> tuple[nn.Module, int]:
     """timm.create_model with the classifier removed (num_classes=0): returns (model, features)."""

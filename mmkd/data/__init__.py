@@ -2,7 +2,7 @@
 
 from omegaconf import DictConfig
 
-from mmkd.data import av_digits, demo, fsdd, manifest, mnist  # noqa: F401  (registration)
+from mmkd.data import av_digits, demo, folder, fsdd, manifest, mnist  # noqa: F401  (registration)
 from mmkd.data.base import DATASETS, DatasetSplits
 
 

@@ -1,0 +1,149 @@
+"""Class-folder datasets: `ROOT/<class>/<file>`, the layout torchvision's ImageFolder reads.
+
+Images (jpg/png/webp/...) or audio (wav/flac/ogg/...): the modality is whatever the train
+folder's files are (both at once is a config error). Class index = position of the class folder
+in sorted order. Sample ids are the paths relative to the split's root ("cat/0001.jpg"). Files
+with other extensions (and hidden files) are not samples: they are counted and logged, never
+silently dropped. Validation and test folders may be given (`data.folder.val` / `test`), or
+validation is a fixed, seeded split of the train folder (`data.folder.val_size`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mmkd.data.base import DATASETS, DatasetSplits, RawSample, SafeDataset, holdout_split
+from mmkd.data.decode import read_audio, read_image
+from mmkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {
+    "image": (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+    "audio": (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3"),
+}
+READERS = {"image": read_image, "audio": read_audio}
+
+
+def modality_of(path: str) -> str | None:
+    suffix = os.path.splitext(path)[1].lower()
+    return next((m for m, exts in EXTENSIONS.items() if suffix in exts), None)
+
+
+def scan_class_folders(root: Path, key: str) -> dict[str, list[str]]:
+    """{class name: sorted file paths relative to root} for every sub-folder of `root`."""
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise ConfigError(f"{key}: folder {root} {what}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"{key}: {root} has no class sub-folders (expected ROOT/<class>/<file>)")
+    files: dict[str, list[str]] = {}
+    for name in classes:
+        found = []
+        for folder, dirs, names in os.walk(root / name, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(folder, root)
+            found += [os.path.join(rel, n) for n in names if not n.startswith(".")]
+        files[name] = sorted(found)
+    return files
+
+
+class FolderDataset(SafeDataset):
+    """The files of one class-folder tree; decoded (and checked) when a sample is loaded."""
+
+    def __init__(
+        self,
+        root: Path,
+        items: list[tuple[str, int]],
+        modality: str,
+        class_names: list[str],
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__(on_error)
+        self.root = root
+        self.items = items
+        self.modality = modality
+        self.class_names = class_names
+        self.read = READERS[modality]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample_id(self, index: int) -> str:
+        return self.items[index][0]
+
+    def load(self, index: int) -> RawSample:
+        path, label = self.items[index]
+        return {"id": path, "label": label, self.modality: self.read(self.root / path)}
+
+
+def index_folder(
+    root: Path, key: str, class_names: list[str] | None, modality: str | None, on_error: str
+) -> FolderDataset:
+    """Scan `root`; `class_names` (from the train folder) fixes the label of each class folder."""
+    files = scan_class_folders(root, key)
+    if class_names is not None:
+        unknown = sorted(set(files) - set(class_names))
+        if unknown:
+            raise ConfigError(
+                f"{key}: class folder(s) {', '.join(unknown)} in {root} are not train classes "
+                f"({', '.join(class_names)})"
+            )
+    names = class_names or sorted(files)
+    kinds: Counter[str | None] = Counter()
+    ignored: Counter[str] = Counter()
+    items: list[tuple[str, int]] = []
+    for name, paths in files.items():
+        if not paths:
+            raise ConfigError(f"{key}: class folder {root / name} holds no files")
+        for path in paths:
+            kind = modality_of(path)
+            kinds[kind] += 1
+            if kind is None:
+                ignored[os.path.splitext(path)[1].lower() or "(no extension)"] += 1
+            else:
+                items.append((path, names.index(name)))
+    found = sorted(k for k in kinds if k is not None)
+    if len(found) > 1:
+        raise ConfigError(f"{key}: {root} mixes {' and '.join(found)} files; use one modality")
+    if not found:
+        raise ConfigError(f"{key}: {root} holds no image or audio files")
+    if modality is not None and found[0] != modality:
+        raise ConfigError(f"{key}: {root} holds {found[0]} files, the train folder {modality}")
+    if ignored:
+        shown = ", ".join(f"{ext} ({n})" for ext, n in ignored.most_common())
+        count = sum(ignored.values())
+        log.warning("%s: ignored %d files that are not %s: %s", root, count, found[0], shown)
+    return FolderDataset(root, items, found[0], names, on_error)
+
+
+@DATASETS.register("folder")
+def build_folder(cfg: DictConfig, seed: int) -> DatasetSplits:
+    f = cfg.folder
+    if f.train is None:
+        raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")
+    train = index_folder(Path(f.train).expanduser(), "data.folder.train", None, None, cfg.on_error)
+    names = train.class_names
+
+    def optional(key: str) -> FolderDataset | None:
+        value = f[key]
+        if value is None:
+            return None
+        return index_folder(
+            Path(value).expanduser(), f"data.folder.{key}", names, train.modality, cfg.on_error
+        )
+
+    val = optional("val")
+    train_split = train
+    if val is None:
+        train_split, val = holdout_split(train, f.val_size, f.split_seed)
+    test = optional("test")
+    return DatasetSplits(
+        train_split, val, val if test is None else test, (train.modality,), class_names=names
+    )
