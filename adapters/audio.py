@@ -39,7 +39,10 @@ class AudioPreprocessor(Preprocessor):
         settings = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(settings, dict)
         settings["output"] = output
-        super().__init__(settings, randomized_in_training=output == "logmel" and cfg.spec_augment)
+        randomized = bool(
+            cfg.time_shift or cfg.gain_db or (output == "logmel" and cfg.spec_augment)
+        )
+        super().__init__(settings, randomized_in_training=randomized)
         self.cfg = settings
         self.output = output  # "logmel" | "waveform"
         self.num_samples = clip_samples(cfg)
@@ -97,8 +100,25 @@ class AudioPreprocessor(Preprocessor):
             wave = self._resamplers[rate](wave)
         return fit_length(wave, self.num_samples)
 
+    def augment_waveform(self, wave: Tensor) -> Tensor:
+        """Random time shift (zero fill) and gain, drawn from torch's generator."""
+        shift_max = round(self.cfg["time_shift"] * self.cfg["sample_rate"])
+        if shift_max:
+            shift = int(torch.randint(-shift_max, shift_max + 1, ()))
+            wave = torch.roll(wave, shift)
+            if shift > 0:
+                wave[:shift] = 0
+            elif shift < 0:
+                wave[shift:] = 0
+        if self.cfg["gain_db"]:
+            gain = (torch.rand(()) * 2 - 1) * self.cfg["gain_db"]
+            wave = torchaudio.functional.gain(wave, float(gain))
+        return wave
+
     def __call__(self, raw: Any, *, train: bool) -> Tensor:
         wave = self.waveform(raw)
+        if train:
+            wave = self.augment_waveform(wave)
         if self.output == "waveform":
             return wave
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
+from torchvision import transforms as T
 
 from mmkd.errors import ConfigError, DataError
 
@@ -43,6 +45,33 @@ def to_pil(raw: Any) -> Image.Image:
     return image
 
 
+def train_transform(
+    data_config: dict[str, Any],
+    *,
+    scale: tuple[float, float],
+    hflip: float,
+    color_jitter: float,
+    crop_padding: int,
+) -> Callable[[Image.Image], Tensor]:
+    """timm's training transform (random-resized crop, flip, jitter), or with `crop_padding`
+    the CIFAR recipe: resize to the input size, pad, random crop back, flip, jitter."""
+    if not crop_padding:
+        return create_transform(
+            **data_config, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter
+        )
+    size = data_config["input_size"][1:]
+    steps: list[Any] = [
+        T.Resize(size),  # no-op for images already at the input size
+        T.RandomCrop(size, padding=crop_padding, padding_mode="reflect"),
+    ]
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    steps += [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+    return T.Compose(steps)
+
+
 class ImagePreprocessor(Preprocessor):
     modality = "image"
 
@@ -60,7 +89,7 @@ class ImagePreprocessor(Preprocessor):
         self.channel_mismatch = channel_mismatch
         self.eval_transform = create_transform(**data_config, is_training=False)
         self.train_transform = (
-            create_transform(**data_config, is_training=True, **train_options)
+            train_transform(data_config, **train_options)
             if train_options is not None
             else self.eval_transform
         )
@@ -116,7 +145,12 @@ class ImageAdapter(Adapter):
     def make_preprocessor(self) -> ImagePreprocessor:
         image = self.spec.image
         train_options = (
-            {"scale": tuple(image.scale), "hflip": image.hflip, "color_jitter": image.color_jitter}
+            {
+                "scale": tuple(image.scale),
+                "hflip": image.hflip,
+                "color_jitter": image.color_jitter,
+                "crop_padding": image.crop_padding,
+            }
             if image.augment
             else None
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,11 +23,11 @@ from transformers import (
 
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
-from mmkd.cache import TeacherCache, open_or_build
 from mmkd.checkpoint import rng_state, set_rng_state
-from mmkd.data.module import RoleCollate
 from mmkd.errors import MMKDError
 from mmkd.losses import DistillLoss, Gather, distributed_gather, local_gather
+from mmkd.store import TeacherTargets
+from mmkd.teacher_source import make_teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,8 @@ class DistillModule(pl.LightningModule):
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
         self._pending_rng: dict[str, Any] | None = None  # RNG state from a resumed checkpoint
         self._compiled = False
-        # stored teacher outputs per split ("train", "val") when distill.cache is on
-        self.teacher_targets: dict[str, TeacherCache] = {}
+        # where the teacher's outputs come from: a live forward pass or the teacher store
+        self.teacher_source = make_teacher_source(cfg, teacher)
 
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
@@ -117,12 +116,11 @@ class DistillModule(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def teacher_forward(self, batch: dict[str, Any], split: str) -> tuple[Tensor, Tensor | None]:
-        """(embedding, logits) of the teacher for this batch, from the cache when one is set."""
-        if split in self.teacher_targets:
-            return self.teacher_targets[split].lookup(batch["ids"], device=self.device)
-        out = self.teacher(batch["inputs"]["teacher"])
-        return out.embedding, out.logits
+    def teacher_targets(self, batch: dict[str, Any], split: str) -> TeacherTargets | None:
+        """The teacher's outputs for this batch (None when no loss term uses the teacher)."""
+        if not self.uses_teacher:
+            return None
+        return self.teacher_source.targets(batch, split)
 
     @torch.no_grad()
     def compute_class_embeddings(self) -> None:
@@ -136,44 +134,16 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.compute_class_embeddings()
-        if self.cfg.distill.cache and self.uses_teacher:
-            datamodule = self.trainer.datamodule
-            for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
-                self.teacher_targets[split] = self.open_teacher_cache(split, dataset)
-
-    def open_teacher_cache(self, split: str, dataset: Any) -> TeacherCache:
-        """Global rank 0 builds the cache entry if it is missing or damaged; every rank reads it."""
-        datamodule = self.trainer.datamodule
-        cfg = self.cfg
-        root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
-        collate = RoleCollate(
-            {"teacher": self.teacher.make_preprocessor()},
-            train=False,
-            keep_labels=False,
-            num_classes=0,
-            on_error=cfg.data.on_error,
-        )
-        folder, _ = open_or_build(
-            root,
-            self.teacher,
-            dataset,
-            collate,
-            datamodule.identity(split),
-            batch_size=datamodule.eval_batch_size,
-            device=self.device,
-            build=self.trainer.is_global_zero,
-            num_workers=cfg.data.num_workers,
-        )
-        self.trainer.strategy.barrier(f"teacher-cache-{split}")
-        return TeacherCache.open(folder)
+        if self.uses_teacher:
+            self.teacher_source.setup(self)
 
     # ------------------------------------------------------------------ steps
     def student_losses(
-        self, batch: dict[str, Any], teacher: tuple[Tensor, Tensor | None] | None, gather: Gather
+        self, batch: dict[str, Any], teacher: TeacherTargets | None, gather: Gather
     ) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
         """(role, output, loss terms) for every student on this batch."""
         labels = batch.get("labels")
-        t_emb, t_logits = teacher if teacher is not None else (None, None)
+        t_emb, t_logits = (teacher.embedding, teacher.logits) if teacher else (None, None)
         for role, student in self.students.items():
             out = student(batch["inputs"][role])
             terms = self.losses[role](out.embedding, out.logits, t_emb, t_logits, labels, gather)
@@ -186,7 +156,7 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.log_skipped(batch, "train")
         size = len(batch["ids"])
-        teacher = self.teacher_forward(batch, "train") if self.uses_teacher and size else None
+        teacher = self.teacher_targets(batch, "train") if size else None
         total = None
         named: dict[str, Tensor] = {}
         if size:
@@ -253,7 +223,7 @@ class DistillModule(pl.LightningModule):
         size = len(batch["ids"])
         if not size:
             return
-        teacher = self.teacher_forward(batch, "val") if self.uses_teacher else None
+        teacher = self.teacher_targets(batch, "val")
         labels = batch.get("labels")
         total = 0.0
         for role, out, terms in self.student_losses(batch, teacher, local_gather):

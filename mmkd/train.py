@@ -39,6 +39,7 @@ from mmkd.io import write_json, write_text
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
+from mmkd.replay import ViewPolicy
 from mmkd.report import format_summary
 
 log = logging.getLogger("mmkd")
@@ -145,9 +146,13 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
     if teacher is not None:
         test_pre["teacher"] = teacher.make_preprocessor()
-    live_teacher = module.uses_teacher and not cfg.distill.cache  # else no teacher input needed
+    source = module.teacher_source if module.uses_teacher else None
+    live_teacher = source is not None and source.needs_input  # stored outputs need no input
     fit_pre = {role: pre for role, pre in test_pre.items() if role != "teacher" or live_teacher}
-    datamodule = DistillDataModule(cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed)
+    views = source.view_policy() if source is not None else ViewPolicy(seed=cfg.run.seed)
+    datamodule = DistillDataModule(
+        cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
+    )
     interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, [interrupt, *callbacks])
     if trainer.is_global_zero:

@@ -42,6 +42,9 @@ class ImageCfg:
     scale: List[float] = field(
         default_factory=lambda: [0.08, 1.0]
     )  # random-resized-crop area range
+    # >0: CIFAR-style training crop instead of timm's random-resized crop: pad each side by this
+    # many pixels (reflection), then crop img_size at random (torchvision RandomCrop)
+    crop_padding: int = 0
     hflip: float = 0.0  # horizontal flip probability (0 for digits and text in images)
     color_jitter: float = 0.0
 
@@ -71,7 +74,10 @@ class AudioCfg:
     n_fft: int = 400
     hop_length: int = 160
     n_mels: int = 64
-    spec_augment: bool = False  # training-time frequency and time masking
+    # training-time augmentation (replayable, see mmkd.replay)
+    time_shift: float = 0.0  # shift the clip by up to this many seconds either way (zero fill)
+    gain_db: float = 0.0  # scale the clip by a random gain within +- this many dB
+    spec_augment: bool = False  # frequency and time masking of the log-mel (torchaudio)
     freq_mask: int = 8  # max masked mel bins (torchaudio FrequencyMasking)
     time_mask: int = 20  # max masked frames (torchaudio TimeMasking)
 
@@ -179,8 +185,19 @@ class AvDigitsCfg:
 
 
 @dataclass
+class FolderCfg:
+    """Class folders, ROOT/<class>/<file> (images or audio), as torchvision's ImageFolder reads."""
+
+    train: Optional[str] = None  # train root; class index = sorted class-folder order
+    val: Optional[str] = None  # None: a fixed seeded split of train (val_size)
+    test: Optional[str] = None  # None: the validation split is also the test split
+    val_size: Any = 0.1  # held out of train when val is None: a count, or a fraction below 1
+    split_seed: int = 0  # which train files are held out (fixed as run.seed changes)
+
+
+@dataclass
 class DataCfg:
-    name: str = "demo"  # dataset registry name: demo | manifest | fsdd | mnist | av_digits
+    name: str = "demo"  # dataset registry name: demo | manifest | folder | fsdd | mnist | av_digits
     root: Optional[str] = (
         None  # shared data folder; fsdd/mnist roots default to ROOT/fsdd/recordings, ROOT/mnist
     )
@@ -189,13 +206,15 @@ class DataCfg:
     num_workers: int = 0
     train_labels: bool = True  # false: labels of the training split never reach the loss
     val_fraction: float = 0.1  # held out from train when a dataset has no validation split
-    max_train_samples: Optional[int] = None  # deterministic subset (by run.seed) for quick runs
+    max_train_samples: Optional[int] = None  # deterministic random subset, for quick runs
+    subset_seed: Optional[int] = None  # which subset max_train_samples keeps; None: run.seed
     max_eval_samples: Optional[int] = None
     # text prompt per class: for the text side of paired data and zero-shot evaluation
     prompt_template: str = "{name}"
     on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
     demo: DemoCfg = field(default_factory=DemoCfg)
     manifest: ManifestCfg = field(default_factory=ManifestCfg)
+    folder: FolderCfg = field(default_factory=FolderCfg)
     fsdd: FsddCfg = field(default_factory=FsddCfg)
     mnist: MnistCfg = field(default_factory=MnistCfg)
     av_digits: AvDigitsCfg = field(default_factory=AvDigitsCfg)
@@ -267,9 +286,24 @@ class OptimCfg:
 
 
 @dataclass
+class StoreCfg:
+    """Teacher outputs stored for K augmented views of every training sample (mmkd.store)."""
+
+    # K views per training sample; None: no store (live teacher) unless distill.cache=true (K=1)
+    views: Optional[int] = None
+    view_order: str = "cycle"  # cycle: epoch e reads view e mod K | random: seeded draw per epoch
+    seed: int = 0  # augmentation seed of the stored views; fixed, so runs of any run.seed share it
+    dtype: str = "float32"  # float32 | float16 | bfloat16: how embeddings and logits are stored
+    logits_topk: Optional[int] = None  # keep only the top-k logits (KD renormalised over them)
+    chunk_size: int = 4096  # samples per chunk: a killed build resumes at the first missing one
+    max_gb: Optional[float] = 20.0  # refuse to build a store larger than this (None: no limit)
+
+
+@dataclass
 class DistillCfg:
-    cache: bool = False  # compute teacher outputs once and read them from disk afterwards
-    cache_dir: Optional[str] = None  # None: RUN_DIR/teacher_cache
+    cache: bool = False  # store the teacher's outputs once (distill.store with views=1)
+    cache_dir: Optional[str] = None  # where stores live; None: RUN_DIR/teacher_cache
+    store: StoreCfg = field(default_factory=StoreCfg)
     compile_student: bool = False  # torch.compile the student(s)
     nonfinite_loss: str = "stop"  # stop | skip: what a NaN/Inf loss does
 

@@ -21,6 +21,8 @@ CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.scheduler": ("cosine", "constant"),
     "distill.nonfinite_loss": ("stop", "skip"),
+    "distill.store.view_order": ("cycle", "random"),
+    "distill.store.dtype": ("float32", "float16", "bfloat16"),
 }
 ADAPTER_CHOICES = {
     "text.pooling": ("mean", "cls"),
@@ -34,6 +36,10 @@ POSITIVE = (
     "optim.lr",
     "run.latency_seconds",
     "run.checkpoint_every_n_steps",
+    "distill.store.views",
+    "distill.store.logits_topk",
+    "distill.store.chunk_size",
+    "distill.store.max_gb",
 )
 NON_NEGATIVE = (
     "data.num_workers",
@@ -42,6 +48,8 @@ NON_NEGATIVE = (
     "losses.relational.distance_weight",
     "losses.relational.angle_weight",
     "losses.ce.label_smoothing",
+    "data.max_train_samples",
+    "data.max_eval_samples",
 )
 ADAPTER_POSITIVE = (
     "image.in_chans",
@@ -105,6 +113,12 @@ def _check_adapter(key: str, spec: DictConfig) -> None:
                 f"{prefix}image.{name}: has {len(values)} values; "
                 f"image.in_chans is {spec.image.in_chans} (give 1 or {spec.image.in_chans})"
             )
+    for sub in ("audio.time_shift", "audio.gain_db"):
+        _check_range(spec, sub, positive=False, prefix=prefix)
+    if spec.image.crop_padding < 0:
+        raise ConfigError(
+            f"{prefix}image.crop_padding: must be >= 0, got {spec.image.crop_padding}"
+        )
     if spec.image.std is not None and any(s <= 0 for s in spec.image.std):
         raise ConfigError(f"{prefix}image.std: every value must be > 0")
 
@@ -127,6 +141,13 @@ def validate(cfg: DictConfig) -> None:
         _check_adapter(key, spec)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    val_size = cfg.data.folder.val_size
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float) or val_size < 0:
+        raise ConfigError(
+            f"data.folder.val_size: must be a count or a fraction below 1, got {val_size!r}"
+        )
+    if isinstance(val_size, float) and val_size >= 1 and not val_size.is_integer():
+        raise ConfigError(f"data.folder.val_size: {val_size} is neither a count nor a fraction")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ConfigError(
             f"optim.warmup_fraction: must be in [0, 1), got {cfg.optim.warmup_fraction}"

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
-from mmkd.errors import DataError
+from mmkd.errors import ConfigError, DataError
 from mmkd.registry import Registry
 
 RawSample = dict[str, Any]
@@ -78,11 +78,14 @@ class SafeDataset(Dataset):
             raise
 
 
-def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
-    """Deterministic (train, val) split of `dataset` holding out `fraction` for validation."""
+def holdout_split(dataset: Dataset, size: float, seed: int) -> tuple[Subset, Subset]:
+    """Deterministic (train, val) split of `dataset` holding out `size` samples for validation
+    (a float below 1 is a fraction of the dataset)."""
     n = len(dataset)  # type: ignore[arg-type]
     order = np.random.default_rng(seed).permutation(n)
-    n_val = round(n * fraction)
+    n_val = round(n * size) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 <= n_val < n:
+        raise ConfigError(f"validation split of {size} leaves no train or no val samples (of {n})")
     return Subset(dataset, sorted(order[n_val:].tolist())), Subset(dataset, sorted(order[:n_val]))
 
 
@@ -97,3 +100,16 @@ def limit(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
 
 def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
     return [template.format(name=name) for name in class_names]
+
+
+def sample_ids(dataset: Dataset) -> list[str]:
+    """The id of every sample of `dataset`, without decoding any file where the dataset can
+    name its samples (`sample_id`), through `Subset`s."""
+    if isinstance(dataset, Subset):
+        inner = sample_ids(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    n = len(dataset)  # type: ignore[arg-type]
+    named = getattr(dataset, "sample_id", None)
+    if named is not None:
+        return [named(i) for i in range(n)]
+    return [dataset[i]["id"] for i in range(n)]

@@ -4,11 +4,17 @@ Each model (a *role*: "teacher", "student", "extra_students.NAME") gets its own 
 the modality it reads, so a batch holds one input per role:
 
     {"inputs": {role: {...tensors...}}, "labels": LongTensor (absent when withheld),
-     "ids": [sample ids], "skipped": int}
+     "ids": [sample ids], "views": [view index of each sample] (training), "skipped": int}
+
+Training samples are augmented reproducibly: the batch sampler gives each sample a view index
+(`mmkd.replay.ViewPolicy`) and every role's random transforms run inside
+`replay_scope(seed, sample id, view)`, so roles of the same modality and settings see the same
+augmented view, and a stored teacher output can be matched with the student's view.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -20,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mmkd.adapters.base import Preprocessor
-from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit
+from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
 from mmkd.errors import DataError
+from mmkd.replay import ViewPolicy, replay_scope
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +49,26 @@ class RoleCollate:
         keep_labels: bool,
         num_classes: int,
         on_error: str = "raise",
+        replay_seed: int | None = None,
     ) -> None:
         self.preprocessors = dict(preprocessors)
         self.train = train
         self.keep_labels = keep_labels
         self.num_classes = num_classes
         self.on_error = on_error
+        self.replay_seed = replay_seed  # training: augment in replay_scope(seed, id, view)
 
     def prepare(self, sample: RawSample) -> dict[str, Any]:
         out = {}
         for role, pre in self.preprocessors.items():
             if pre.modality not in sample:
                 raise DataError(f"has no {pre.modality!r} (needed by {role})")
-            out[role] = pre(sample[pre.modality], train=self.train)
+            raw = sample[pre.modality]
+            if self.train and self.replay_seed is not None and pre.randomized_in_training:
+                with replay_scope(self.replay_seed, sample["id"], sample.get("view", 0)):
+                    out[role] = pre(raw, train=True)
+            else:
+                out[role] = pre(raw, train=self.train)
         label = sample.get("label")
         if label is not None and self.num_classes and not 0 <= label < self.num_classes:
             raise DataError(f"label {label} is outside the {self.num_classes} classes")
@@ -89,25 +103,49 @@ class RoleCollate:
             "ids": [s["id"] for s in kept],
             "skipped": skipped,
         }
+        if any("view" in s for s in kept):
+            batch["views"] = [s.get("view", 0) for s in kept]
         labels = [s.get("label") for s in kept]
         if self.keep_labels and kept and all(label is not None for label in labels):
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
 
 
+class ViewedDataset(Dataset):
+    """`dataset[(index, view)]`: the sample at `index`, marked with the view to augment it as."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> RawSample | Skipped:
+        index, view = key
+        sample = self.dataset[index]
+        return sample if isinstance(sample, Skipped) else {**sample, "view": view}
+
+
 class ResumableBatchSampler(BatchSampler):
     """A BatchSampler over an epoch-seeded sampler that, after a restart, skips the batches the
-    interrupted epoch already trained on (index-level: no sample is loaded for nothing)."""
+    interrupted epoch already trained on (index-level: no sample is loaded for nothing). Each
+    index comes with its view in that epoch: batches are lists of (index, view)."""
 
     resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __init__(self, sampler: Any, batch_size: int, policy: ViewPolicy, size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.policy = policy
+        self.size = size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         resume, self.resume = self.resume, None
-        epoch = getattr(self.sampler, "epoch", None)
+        epoch = getattr(self.sampler, "epoch", 0)
         skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        views = self.policy.views_for(epoch, self.size)
         for position, batch in enumerate(super().__iter__()):
             if position >= skip:
-                yield batch
+                yield [(index, int(views[index])) for index in batch]
 
 
 class DistillDataModule(pl.LightningDataModule):
@@ -123,6 +161,7 @@ class DistillDataModule(pl.LightningDataModule):
         fit_preprocessors: Mapping[str, Preprocessor],
         test_preprocessors: Mapping[str, Preprocessor],
         seed: int = 0,
+        views: ViewPolicy | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -130,8 +169,10 @@ class DistillDataModule(pl.LightningDataModule):
         self.fit_preprocessors = dict(fit_preprocessors)
         self.test_preprocessors = dict(test_preprocessors)
         self.seed = seed
+        self.views = views or ViewPolicy(seed=seed)  # default: a new view every epoch
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) after a restart
-        self.train_set = limit(splits.train, cfg.max_train_samples, seed)
+        subset_seed = seed if cfg.subset_seed is None else cfg.subset_seed
+        self.train_set = limit(splits.train, cfg.max_train_samples, subset_seed)
         self.val_set = limit(splits.val, cfg.max_eval_samples, seed)
         self.test_set = limit(splits.test, cfg.max_eval_samples, seed)
 
@@ -140,13 +181,17 @@ class DistillDataModule(pl.LightningDataModule):
         return self.cfg.eval_batch_size or self.cfg.batch_size
 
     def identity(self, split: str = "train") -> dict[str, Any]:
-        """What determines the samples of `split` (keys the teacher cache)."""
+        """What determines the samples of `split` (keys the teacher store): the data settings
+        and a digest of the split's sample ids (which covers subsets and holdouts, so run.seed
+        only matters when it changes which samples are in the split)."""
         data = OmegaConf.to_container(self.cfg, resolve=True)
         assert isinstance(data, dict)
-        for loader_only in ("batch_size", "eval_batch_size", "num_workers", "on_error"):
-            data.pop(loader_only, None)
-        size = len(self.train_set if split == "train" else self.val_set)
-        return {"data": data, "seed": self.seed, "split": split, "size": size}
+        not_content = ("batch_size", "eval_batch_size", "num_workers", "on_error", "train_labels")
+        for key in (*not_content, "max_train_samples", "max_eval_samples", "subset_seed"):
+            data.pop(key, None)
+        ids = sample_ids(self.train_set if split == "train" else self.val_set)
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        return {"data": data, "split": split, "size": len(ids), "ids_sha256": digest}
 
     def _collate(self, train: bool, test: bool = False) -> RoleCollate:
         return RoleCollate(
@@ -155,6 +200,7 @@ class DistillDataModule(pl.LightningDataModule):
             keep_labels=self.cfg.train_labels or not train,
             num_classes=self.splits.num_classes,
             on_error=self.cfg.on_error,
+            replay_seed=self.views.seed,
         )
 
     def _loader(
@@ -181,9 +227,10 @@ class DistillDataModule(pl.LightningDataModule):
         sampler = DistributedSampler(
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
         )
-        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, drop_last=False)
+        size = len(self.train_set)  # type: ignore[arg-type]
+        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, self.views, size)
         batches.resume, self._resume_at = self._resume_at, None
-        return self._loader(self.train_set, train=True, batch_sampler=batches)
+        return self._loader(ViewedDataset(self.train_set), train=True, batch_sampler=batches)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch (saved in every checkpoint)."""

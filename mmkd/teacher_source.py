@@ -1,0 +1,145 @@
+"""Where the teacher's outputs for a batch come from: a live forward pass, or the teacher store.
+
+`DistillModule` only asks `source.targets(batch, split)`; the source owns building and opening
+the store (global rank 0 builds, every rank waits at a barrier, then reads it memory-mapped) and
+says which augmented view each training sample must be replayed as (`view_policy`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from mmkd.adapters import Adapter
+from mmkd.data.module import RoleCollate
+from mmkd.replay import ViewPolicy
+from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, TeacherTargets, open_or_build
+
+log = logging.getLogger(__name__)
+
+
+class LiveTeacher:
+    """Runs the frozen teacher on the batch's own teacher input (same view as the student)."""
+
+    needs_input = True  # the fit loaders preprocess the teacher's input
+
+    def __init__(self, teacher: Adapter, run_seed: int) -> None:
+        self.teacher = teacher
+        self.run_seed = run_seed
+
+    def view_policy(self) -> ViewPolicy:
+        return ViewPolicy(seed=self.run_seed)  # a new view every epoch
+
+    def setup(self, module: pl.LightningModule) -> None:
+        """Nothing to prepare."""
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
+        out = self.teacher(batch["inputs"]["teacher"])
+        return TeacherTargets(out.embedding, out.logits)
+
+
+class StoredTeacher:
+    """Reads the teacher's outputs from the store: K augmented views of every training sample
+    (one when the teacher's input is not augmented) and one unaugmented view of validation."""
+
+    needs_input = False
+
+    def __init__(self, teacher: Adapter, cfg: DictConfig) -> None:
+        self.teacher = teacher
+        self.cfg = cfg
+        store = cfg.distill.store
+        self.augmented = teacher.make_preprocessor().randomized_in_training
+        views = store.views or 1
+        if views > 1 and not self.augmented:
+            log.info(
+                "distill.store.views=%d: the teacher's input is not augmented, so every "
+                "view would be the same; storing one",
+                views,
+            )
+            views = 1
+        self.spec = StoreSpec(
+            views=views,
+            seed=store.seed,
+            dtype=store.dtype,
+            logits_topk=store.logits_topk,
+            chunk_size=store.chunk_size,
+            max_gb=store.max_gb,
+        )
+        self.stores: dict[str, TeacherStore] = {}
+        self.build_seconds: dict[str, float] = {}
+
+    def view_policy(self) -> ViewPolicy:
+        if not self.augmented:  # the stored output fits every view: augment afresh each epoch
+            return ViewPolicy(seed=self.cfg.run.seed)
+        store = self.cfg.distill.store
+        return ViewPolicy(
+            seed=store.seed,
+            views=self.spec.views,
+            order=store.view_order,
+            draw_seed=self.cfg.run.seed,
+        )
+
+    def setup(self, module: pl.LightningModule) -> None:
+        """Build (global rank 0) or wait for, then open, the train and val entries."""
+        trainer = module.trainer
+        datamodule = trainer.datamodule
+        cfg = self.cfg
+        root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
+        for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+            train = split == "train" and self.augmented
+            spec = self.spec if train else StoreSpec(**{**vars(self.spec), "views": 1})
+            collate = RoleCollate(
+                {"teacher": self.teacher.make_preprocessor()},
+                train=train,
+                keep_labels=False,
+                num_classes=0,
+                on_error=cfg.data.on_error,
+                replay_seed=spec.seed,
+            )
+            builder = StoreBuilder(
+                self.teacher,
+                dataset,
+                collate,
+                datamodule.identity(split),
+                spec,
+                augmented=train,
+                batch_size=datamodule.eval_batch_size,
+                device=module.device,
+                num_workers=cfg.data.num_workers,
+                label=f" ({split})",
+            )
+            folder, seconds = open_or_build(root, builder, build=trainer.is_global_zero)
+            trainer.strategy.barrier(f"teacher-store-{split}")
+            self.stores[split] = TeacherStore.open(folder)
+            if seconds is not None:
+                self.build_seconds[split] = seconds
+        if self.build_seconds and trainer.logger is not None:
+            total = sum(self.build_seconds.values())
+            trainer.logger.log_metrics({"time/store_build_s": total}, step=0)
+
+    def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
+        views = batch.get("views") if split == "train" and self.augmented else None
+        return self.stores[split].lookup(batch["ids"], views, device=self.teacher_device)
+
+    @property
+    def teacher_device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
+
+
+TeacherSource = LiveTeacher | StoredTeacher
+
+
+def make_teacher_source(cfg: DictConfig, teacher: Adapter | None) -> TeacherSource | None:
+    """The store when distill.store.views (or the older distill.cache) asks for one, else the
+    live teacher; None without a teacher."""
+    if teacher is None:
+        return None
+    if cfg.distill.store.views is not None or cfg.distill.cache:
+        return StoredTeacher(teacher, cfg)
+    return LiveTeacher(teacher, cfg.run.seed)
