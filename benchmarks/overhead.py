@@ -116,7 +116,7 @@ def measure_overhead(
     the median of the per-round ratios (a noisy moment then skews one round, not the result)."""
     validate(cfg)
     pl.seed_everything(0, verbose=False)
-    splits = build_splits(cfg.data, 0)
+    splits = build_splits(cfg.data)
     teacher, students = build_models(cfg, splits)
     module = DistillModule(cfg, teacher, students, splits.class_names)
     batch = one_batch(cfg, module, splits)
