@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mmkd.registry import Registry
 
-ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
 
 Batch = dict[str, Tensor]
 

@@ -124,6 +124,7 @@ class AdapterSpec:
     audio: AudioCfg = field(default_factory=AudioCfg)
     cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
     wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
+    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin adapters
 
 
 # --------------------------------------------------------------------------- data
@@ -194,6 +195,7 @@ class DataCfg:
     # text prompt per class: for the text side of paired data and zero-shot evaluation
     prompt_template: str = "{name}"
     on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
+    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin datasets
     demo: DemoCfg = field(default_factory=DemoCfg)
     manifest: ManifestCfg = field(default_factory=ManifestCfg)
     fsdd: FsddCfg = field(default_factory=FsddCfg)
@@ -309,6 +311,18 @@ class RunCfg:
     export: bool = True  # write DIR/student
     latency_seconds: float = 1.0  # time spent timing each model for the CPU latency figure
     checkpoint_every_n_steps: Optional[int] = None  # None: checkpoint at the end of each epoch
+    # a folder laid out like configs/ (experiment/, student/, ...) searched before mmkd's own
+    config_path: Optional[str] = None
+    # modules imported at start-up so the adapters / datasets they register can be named; configs
+    # never import anything else (installed plugins can also use the mmkd.adapters /
+    # mmkd.datasets entry point groups, loaded only when their name is used)
+    plugins: List[str] = field(default_factory=list)
+    # Lightning loggers: csv (RUN_DIR/logs/metrics.csv) | tensorboard | mlflow | wandb
+    loggers: List[str] = field(default_factory=lambda: ["csv"])
+    # None: a local MLflow file store in RUN_DIR/logs/mlruns; else any MLflow tracking URI
+    mlflow_tracking_uri: Optional[str] = None
+    wandb_project: Optional[str] = None  # None: the run's name
+    wandb_offline: bool = True  # W&B writes RUN_DIR/logs/wandb only; false: sync to the server
 
 
 @dataclass
