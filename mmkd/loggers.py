@@ -1,15 +1,16 @@
 """Lightning loggers chosen by `run.loggers`, the run's config and final metrics sent to each,
 and the one reader of the CSV log (`RUN_DIR/logs/metrics.csv`).
 
-Every logger writes under the run folder: `logs/metrics.csv` (csv), `logs/tensorboard/`
-(tensorboard), `logs/mlruns/` (mlflow, a local file store unless `run.mlflow_tracking_uri` is
-set) and `logs/wandb/` (wandb, offline unless `run.wandb_offline=false`).
+Every logger writes under the run folder: `logs/metrics.csv` (csv), `tensorboard/`
+(tensorboard), `mlruns/` (mlflow, a local file store unless `run.mlflow_tracking_uri` is set)
+and `wandb/` (wandb, offline unless `run.wandb_offline=false`).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,22 +52,26 @@ def _csv(cfg: DictConfig, run_dir: Path) -> Logger:
 
 def _tensorboard(cfg: DictConfig, run_dir: Path) -> Logger:
     return TensorBoardLogger(
-        save_dir=str(run_dir / LOG_DIR), name="tensorboard", version="", default_hp_metric=False
+        save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False
     )
 
 
 def _mlflow(cfg: DictConfig, run_dir: Path) -> Logger:
-    uri = cfg.run.mlflow_tracking_uri or (run_dir / LOG_DIR / "mlruns").resolve().as_uri()
+    uri = cfg.run.mlflow_tracking_uri
+    if not uri:
+        uri = (run_dir / "mlruns").resolve().as_uri()
+        # MLflow 3 keeps its file store in "maintenance mode" and refuses it unless opted in;
+        # it is the one local store that needs no database packages
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MLFlowLogger(experiment_name=cfg.run.name, run_name=run_dir.name, tracking_uri=uri)
 
 
 def _wandb(cfg: DictConfig, run_dir: Path) -> Logger:
-    save_dir = run_dir / LOG_DIR
-    save_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp folder otherwise
+    run_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp folder otherwise
     return WandbLogger(
         project=cfg.run.wandb_project or cfg.run.name,
         name=run_dir.name,
-        save_dir=str(save_dir),
+        save_dir=str(run_dir),
         offline=cfg.run.wandb_offline,
     )
 
@@ -114,10 +119,19 @@ def _metric_name(logger: Logger, key: str) -> str:
 
 
 def log_final_metrics(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:
-    """Send the run's final metrics (metrics.json's keys under `test/`) to every logger."""
+    """Send the run's final metrics (metrics.json's keys under `test/`) to every logger.
+
+    TensorBoard gets them with the config as one hparams session (its HParams dashboard); its
+    logger writes them at step 0 then."""
     for logger in loggers:
-        logger.log_metrics({_metric_name(logger, f"test/{k}"): v for k, v in metrics.items()}, step)
+        final = {_metric_name(logger, f"test/{k}"): v for k, v in metrics.items()}
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(logger.hparams, final)
+        else:
+            logger.log_metrics(final, step)
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):  # Lightning leaves the W&B run open until exit
+            logger.experiment.finish()
 
 
 def read_csv_log(run_dir: Path) -> list[dict[str, float]]:
