@@ -96,7 +96,9 @@ def test_a_logger_without_its_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
-    with pytest.raises(ConfigError, match=r"run.loggers: wandb needs .*pip install 'mmkd\[wandb\]'"):
+    with pytest.raises(
+        ConfigError, match=r"run.loggers: wandb needs .*pip install 'mmkd\[wandb\]'"
+    ):
         check_loggers(["csv", "wandb"])
 
 
