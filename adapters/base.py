@@ -28,6 +28,8 @@ Batch = dict[str, Tensor]
 
 @dataclass
 class AdapterOutput:
+    """What every adapter returns for a batch."""
+
     embedding: Tensor  # (B, D), L2-normalised: the shared space
     features: Tensor  # (B, F), pooled encoder output before the head
     logits: Tensor | None  # (B, C) when the head has a classifier

@@ -44,6 +44,8 @@ def to_pil(raw: Any) -> Image.Image:
 
 
 class ImagePreprocessor(Preprocessor):
+    """PIL image or uint8 array -> normalised tensor (C, H, W) through timm's transforms."""
+
     modality = "image"
 
     def __init__(

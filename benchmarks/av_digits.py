@@ -106,15 +106,18 @@ def better_than(a: Sequence[float], b: Sequence[float]) -> tuple[str, str]:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def fmt(values: Sequence[float], digits: int = 4) -> str:
+    """ "mean ± std" of `values`."""
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run every experiment and timing (reusing finished runs), then write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -30,6 +30,7 @@ def samples_per_s(run_dir: Path) -> float:
 
 
 def main() -> int:
+    """Train each experiment briefly in each mode and print samples/s as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--precision", default="bf16-mixed")

@@ -75,6 +75,7 @@ def collect(
 
 
 def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy (micro) and macro precision, recall and F1 of class `scores`."""
     args = {"preds": scores, "target": labels, "num_classes": num_classes}
     return {
         "accuracy": float(multiclass_accuracy(**args, average="micro")),

@@ -208,18 +208,24 @@ class DataCfg:
 
 @dataclass
 class KDCfg:
+    """Hinton KD: KL divergence of temperature-softened class distributions."""
+
     weight: float = 0.0
     temperature: float = 4.0
 
 
 @dataclass
 class EmbedCfg:
+    """Regression of the student embedding onto the teacher's."""
+
     weight: float = 0.0
     kind: str = "cosine"  # cosine | mse
 
 
 @dataclass
 class ContrastiveCfg:
+    """CLIP InfoNCE between paired student and teacher embeddings."""
+
     weight: float = 0.0
     temperature: float = 0.07  # initial temperature (CLIP)
     learn_temperature: bool = True
@@ -229,6 +235,8 @@ class ContrastiveCfg:
 
 @dataclass
 class RelationalCfg:
+    """RKD: distances and angles between the samples of a batch (Park et al. 2019)."""
+
     weight: float = 0.0
     distance_weight: float = (
         1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
@@ -238,6 +246,8 @@ class RelationalCfg:
 
 @dataclass
 class CECfg:
+    """Cross-entropy with the labels (needs data.train_labels=true)."""
+
     weight: float = 0.0
     label_smoothing: float = 0.0
 
@@ -258,6 +268,8 @@ class LossesCfg:
 
 @dataclass
 class OptimCfg:
+    """Optimizer and learning-rate schedule."""
+
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -303,6 +315,8 @@ class TrainerCfg:
 
 @dataclass
 class RunCfg:
+    """Where a run writes, how it is seeded, resumed, tested and logged."""
+
     seed: int = 0
     dir: Optional[str] = None  # output folder; None: runs/<name>-<timestamp>
     name: str = "default"  # the experiment name (set by experiment=NAME)
@@ -327,6 +341,8 @@ class RunCfg:
 
 @dataclass
 class Config:
+    """A whole run: data, teacher, student(s), losses, optimisation, trainer and run settings."""
+
     data: DataCfg = field(default_factory=DataCfg)
     teacher: Optional[AdapterSpec] = None  # None: no teacher (supervised training)
     student: AdapterSpec = field(default_factory=AdapterSpec)

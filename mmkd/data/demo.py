@@ -83,6 +83,7 @@ class DemoDataset(Dataset):
 
 @DATASETS.register("demo")
 def build_demo(cfg: DictConfig) -> DatasetSplits:
+    """Train / val / test splits of the generated demo data (sizes from data.demo)."""
     demo = cfg.demo
     return DatasetSplits(
         train=DemoDataset(demo, "train", demo.num_train, demo.seed),

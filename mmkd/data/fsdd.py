@@ -33,6 +33,8 @@ TEST_INDICES = 5  # official rule: recordings 0-4 of every (speaker, digit) are 
 
 @dataclass(frozen=True)
 class Clip:
+    """One FSDD recording, parsed from its file name."""
+
     path: Path
     digit: int
     speaker: str

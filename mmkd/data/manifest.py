@@ -127,6 +127,8 @@ def _natural(name: str) -> tuple[int, int, str]:
 
 @dataclass(frozen=True)
 class ClassSet:
+    """The classes of a manifest dataset and how its rows' labels map to them."""
+
     names: list[str]
     indices_allowed: bool  # true when the names come from the config: labels may be indices
 
@@ -148,6 +150,8 @@ class ClassSet:
 
 @dataclass(frozen=True)
 class Row:
+    """One parsed manifest row: its line, id, label and modality values, or why it is unusable."""
+
     line: int
     id: str
     label: int | None = None

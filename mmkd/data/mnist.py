@@ -80,6 +80,7 @@ class MnistPart:
 
 
 def find_idx(folder: Path, part: str, kind: str) -> Path:
+    """The IDX file of `part` and `kind` in `folder`, gzip-compressed or plain."""
     stem = f"{FILE_PREFIX[part]}-{kind}-ubyte"
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
