@@ -112,3 +112,41 @@ def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "run.plugins: cannot import 'no_such_plugin_module' (ModuleNotFoundError" in err
+
+
+DATASET_PLUGIN = '''
+from mmkd.data import DATASETS, DatasetSplits
+from mmkd.data.demo import CLASS_NAMES, DemoDataset
+
+
+@DATASETS.register("my_shapes")
+def build(cfg):
+    """The demo shapes, sized by the plugin's own data.options."""
+    size = cfg.options.size
+    return DatasetSplits(
+        *(DemoDataset(cfg.demo, split, size, seed=7) for split in ("train", "val", "test")),
+        modalities=("image", "audio", "text"),
+        class_names=list(CLASS_NAMES),
+    )
+'''
+
+
+def test_dataset_plugin_is_selected_by_name(tmp_path, monkeypatch):
+    (tmp_path / "my_data_plugin.py").write_text(DATASET_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    overrides = [
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "audio_cnn"),
+        "student.head.classifier=true",
+        *small_run(),
+        "run.plugins=[my_data_plugin]",
+        "data.name=my_shapes",
+        "data.options={size: 27}",
+        f"run.dir={run_dir}",
+    ]
+    assert main(overrides) == 0
+    assert OmegaConf.load(run_dir / "config.yaml").data.name == "my_shapes"
+    assert "student/accuracy" in json.loads((run_dir / "metrics.json").read_text())
