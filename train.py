@@ -1,8 +1,8 @@
-"""Train a student: `python train.py [experiment=NAME] [group=name ...] [key.path=value ...]`."""
+"""`python train.py [overrides]` in a clone: the same as `mmkd train [overrides]`."""
 
 import sys
 
-from mmkd.train import main
+from mmkd.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

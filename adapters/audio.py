@@ -27,6 +27,7 @@ from .timm_backbone import create_backbone
 
 
 def clip_samples(cfg: DictConfig) -> int:
+    """Samples in one clip: audio.clip_seconds at audio.sample_rate."""
     return round(cfg.clip_seconds * cfg.sample_rate)
 
 
@@ -152,6 +153,7 @@ MAX_RESAMPLE_KERNEL = 2**24
 
 
 def make_resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
+    """A torchaudio resampler from `rate` to `target` Hz (DataError if its kernel is too big)."""
     common = math.gcd(rate, target)
     if (rate // common) * (target // common) > MAX_RESAMPLE_KERNEL:
         raise DataError(

@@ -21,13 +21,15 @@ from torch import Tensor, nn
 
 from mmkd.registry import Registry
 
-ADAPTERS: Registry[type[Adapter]] = Registry("adapter")
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
 
 Batch = dict[str, Tensor]
 
 
 @dataclass
 class AdapterOutput:
+    """What every adapter returns for a batch."""
+
     embedding: Tensor  # (B, D), L2-normalised: the shared space
     features: Tensor  # (B, F), pooled encoder output before the head
     logits: Tensor | None  # (B, C) when the head has a classifier

@@ -73,6 +73,8 @@ def train_transform(
 
 
 class ImagePreprocessor(Preprocessor):
+    """PIL image or uint8 array -> normalised tensor (C, H, W) through timm's transforms."""
+
     modality = "image"
 
     def __init__(

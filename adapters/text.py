@@ -18,6 +18,7 @@ TEXT_ASSETS = "text"  # folder of an export holding the tokenizer and model conf
 
 
 def load_tokenizer(cfg: DictConfig, key: str) -> Any:
+    """The tokenizer of `text.tokenizer` (or of `text.model`); a load failure names the key."""
     source = cfg.tokenizer or cfg.model
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -51,6 +52,8 @@ def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
 
 
 class TextPreprocessor(Preprocessor):
+    """A string -> token ids and attention mask (the model's tokenizer, padded per batch)."""
+
     modality = "text"
 
     def __init__(self, tokenizer: Any, max_length: int, source: str) -> None:

@@ -29,6 +29,8 @@ from mmkd.module import DistillModule
 
 
 class StepClock(pl.Callback):
+    """Wall-clock start and end of every training batch."""
+
     def __init__(self) -> None:
         self.starts: list[float] = []
 
@@ -40,6 +42,7 @@ class StepClock(pl.Callback):
 
 
 def one_batch(cfg: DictConfig, module: DistillModule, splits: Any) -> dict[str, Any]:
+    """The first `data.batch_size` training samples, collated for every role (teacher too)."""
     roles = {"teacher": module.teacher, **module.students}
     collate = RoleCollate(
         {r: m.make_preprocessor() for r, m in roles.items()},
@@ -53,6 +56,7 @@ def one_batch(cfg: DictConfig, module: DistillModule, splits: Any) -> dict[str, 
 def mmkd_steps(
     module: DistillModule, batch: dict[str, Any], steps: int, log_dir: str
 ) -> list[float]:
+    """Seconds of each of `steps` training steps of mmkd's LightningModule on `batch`."""
     clock = StepClock()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -116,7 +120,7 @@ def measure_overhead(
     the median of the per-round ratios (a noisy moment then skews one round, not the result)."""
     validate(cfg)
     pl.seed_everything(0, verbose=False)
-    splits = build_splits(cfg.data, 0)
+    splits = build_splits(cfg.data)
     teacher, students = build_models(cfg, splits)
     module = DistillModule(cfg, teacher, students, splits.class_names)
     batch = one_batch(cfg, module, splits)

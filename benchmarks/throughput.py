@@ -11,25 +11,26 @@ figure is the last epoch's `time/train_samples_per_s` (teacher-cache build exclu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 from mmkd.config import compose
+from mmkd.loggers import read_csv_log
 from mmkd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def samples_per_s(run_dir: Path) -> float:
-    with (run_dir / "logs" / "metrics.csv").open() as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("time/train_samples_per_s")]
-    return float(rows[-1]["time/train_samples_per_s"])
+    """The last epoch's training throughput from the run's CSV log."""
+    rows = [r for r in read_csv_log(run_dir) if "time/train_samples_per_s" in r]
+    return rows[-1]["time/train_samples_per_s"]
 
 
 def main() -> int:
+    """Train each experiment briefly in each mode and print samples/s as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--precision", default="bf16-mixed")

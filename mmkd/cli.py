@@ -1,62 +1,70 @@
-"""The `mmkd` command: `mmkd train ...`, `mmkd evaluate RUN_DIR ...`, `mmkd export RUN_DIR ...`."""
+"""The `mmkd` command: `mmkd train ...`, `mmkd evaluate RUN_DIR ...`, `mmkd export RUN_DIR ...`.
+
+Each subcommand is a module with `command(argv) -> int`, listed in `COMMANDS`; adding one is one
+entry there. `run_command` is the one wrapper they all share: logging set-up, and a one-line
+`error: ...` (exit code 2, or the error's own `exit_code`) instead of a traceback for any
+`MMKDError`. The module is imported only when its subcommand runs, so `mmkd --help` is quick.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from mmkd.errors import MMKDError
 
 
-def export_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mmkd export", description="Export a run's student to ONNX or TorchScript."
-    )
-    parser.add_argument("run_dir", help="a finished run folder (holding student/)")
-    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    parser.add_argument("--output", help="file to write (default: RUN_DIR/student/model.onnx)")
-    parser.add_argument(
-        "--model",
-        default="student",
-        help="which exported model folder of the run (default: student)",
-    )
-    args = parser.parse_args(argv)
-    from pathlib import Path
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module holding its `command(argv)` and one line of usage."""
 
-    from mmkd.export import export_compiled
+    module: str
+    usage: str
 
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("mmkd.train", "mmkd train [experiment=NAME] [group=name] [key=value ...]"),
+    "evaluate": Command("mmkd.evaluate", "mmkd evaluate RUN_DIR [key=value ...]"),
+    "export": Command(
+        "mmkd.export", "mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]"
+    ),
+}
+
+
+def run_command(name: str, argv: Sequence[str] | None = None) -> int:
+    """Run subcommand `name` with `argv` (default: the process arguments after the program)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    handler = importlib.import_module(COMMANDS[name].module).command
     try:
-        path = export_compiled(Path(args.run_dir) / args.model, args.format, args.output)
+        return handler(args)
     except MMKDError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+        return getattr(err, "exit_code", 2)
+
+
+def usage() -> str:
+    """The top-level help: every subcommand's usage line."""
+    lines = [f"usage: mmkd {{{','.join(COMMANDS)}}} ...", ""]
+    lines += [f"  {command.usage}" for command in COMMANDS.values()]
+    lines.append("\n`mmkd COMMAND --help` describes one command.")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `mmkd` console entry point: dispatch to the subcommand named first."""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "evaluate", "export")
-    if not args or args[0] not in commands:
-        print(
-            f"usage: mmkd {{{','.join(commands)}}} ...\n"
-            "  mmkd train [experiment=NAME] [key=value ...]\n"
-            "  mmkd evaluate RUN_DIR [key=value ...]\n"
-            "  mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]",
-            file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
-        )
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    command, rest = args[0], args[1:]
-    if command == "train":
-        from mmkd.train import main as train_main
-
-        return train_main(rest)
-    if command == "evaluate":
-        from mmkd.evaluate import main as evaluate_main
-
-        return evaluate_main(rest)
-    return export_main(rest)
+    if args and args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not args or args[0] not in COMMANDS:
+        problem = f"unknown command {args[0]!r}\n" if args else ""
+        print(f"{problem}{usage()}", file=sys.stderr)
+        return 2
+    return run_command(args[0], args[1:])
 
 
 if __name__ == "__main__":

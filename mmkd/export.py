@@ -1,5 +1,7 @@
 """Export a trained model to a self-contained folder, and load it back with no training code.
 
+    mmkd export RUN_DIR [--format onnx|torchscript]   writes RUN_DIR/student/model.onnx
+
 RUN_DIR/student/
     adapter.yaml              the adapter spec (architecture, preprocessing)
     model.safetensors         the weights (encoder + head)
@@ -10,7 +12,9 @@ RUN_DIR/student/
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +145,17 @@ def load_exported(folder: str | Path) -> ExportedModel:
             raise CheckpointError(f"{folder / CLASS_EMBEDDINGS}: no 'class_embeddings' tensor")
         embeddings = state["class_embeddings"]
     return ExportedModel(model, model.make_preprocessor(), meta.get("class_names", []), embeddings)
+
+
+def command(argv: Sequence[str]) -> int:
+    """`mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH] [--model FOLDER]`."""
+    parser = argparse.ArgumentParser(
+        prog="mmkd export", description="Export a run's student to ONNX or TorchScript."
+    )
+    parser.add_argument("run_dir", help="a finished run folder (holding student/)")
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--output", help="file to write (default: RUN_DIR/student/model.onnx)")
+    parser.add_argument("--model", default="student", help="which exported model folder of the run")
+    args = parser.parse_args(argv)
+    print(export_compiled(Path(args.run_dir) / args.model, args.format, args.output))
+    return 0

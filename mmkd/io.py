@@ -65,11 +65,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (a reader never sees half a file)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as indented, key-sorted JSON, atomically."""
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -27,4 +27,5 @@ def cpu_latency_ms(model: Adapter, batch: Batch, min_run_time: float = 1.0) -> f
 
 
 def count_parameters(model: torch.nn.Module) -> int:
+    """All parameters of `model`, trainable or not."""
     return sum(p.numel() for p in model.parameters())

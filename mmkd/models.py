@@ -66,6 +66,7 @@ def adopt_exported_specs(cfg: DictConfig) -> None:
 
 
 def resolve_classes(cfg: DictConfig, num_classes: int) -> None:
+    """Set every classifier head's num_classes from the dataset (in place)."""
     for key, spec in adapter_specs(cfg):
         head = spec.head
         if not head.classifier or head.num_classes is not None:
@@ -104,6 +105,7 @@ def check_kd_heads(cfg: DictConfig) -> None:
 def check_kd_classes(
     cfg: DictConfig, teacher: Adapter | None, students: dict[str, Adapter], keys: dict[str, str]
 ) -> None:
+    """losses.kd needs the same classes on the teacher and every student."""
     if cfg.losses.kd.weight <= 0 or teacher is None:
         return
     for role, student in students.items():

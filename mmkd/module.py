@@ -51,6 +51,11 @@ def freeze_unused_head(student: Adapter, loss: DistillLoss, role: str) -> None:
 
 
 class DistillModule(pl.LightningModule):
+    """Trains the student(s) against a frozen teacher (or labels) with the weighted `losses`.
+
+    The teacher is kept outside the module's submodules: never in the optimizer, DDP or
+    checkpoints, always in eval mode."""
+
     def __init__(
         self,
         cfg: DictConfig,

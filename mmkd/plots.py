@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -15,8 +13,8 @@ import matplotlib.pyplot as plt
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-if TYPE_CHECKING:
-    from mmkd.evaluate import Collected
+from mmkd.loggers import read_csv_log
+from mmkd.metrics import Collected
 
 MARKERS = {"image": "o", "audio": "^", "text": "s"}
 
@@ -28,17 +26,13 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_training_curves(metrics_csv: Path, out: Path) -> Path | None:
-    """Every logged train/* and val/* series against the step, one panel per quantity."""
-    if not metrics_csv.is_file():
-        return None
+def plot_training_curves(run_dir: Path, out: Path) -> Path | None:
+    """Every train/* and val/* series of the run's CSV log against the step, one panel each."""
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    with metrics_csv.open() as handle:
-        for row in csv.DictReader(handle):
-            step = float(row.get("step") or 0)
-            for key, value in row.items():
-                if value and key.startswith(("train/", "val/")):
-                    series[key].append((step, float(value)))
+    for row in read_csv_log(run_dir):
+        for key, value in row.items():
+            if key.startswith(("train/", "val/")):
+                series[key].append((row.get("step", 0.0), value))
     if not series:
         return None
     names = sorted(series)
@@ -59,6 +53,7 @@ def plot_training_curves(metrics_csv: Path, out: Path) -> Path | None:
 def plot_confusion(
     scores: torch.Tensor, labels: torch.Tensor, class_names: list[str], title: str, out: Path
 ) -> Path:
+    """The confusion matrix of `scores` against `labels`, counts written in the cells."""
     matrix = multiclass_confusion_matrix(scores, labels, num_classes=len(class_names))
     size = max(4.0, 0.45 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))

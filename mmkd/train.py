@@ -1,11 +1,11 @@
-"""python train.py [experiment=NAME] [group=name ...] [key.path=value ...]
+"""mmkd train [experiment=NAME] [group=name ...] [key.path=value ...]
 
-Build, fit, evaluate on the test split, export.
+Build, fit, evaluate on the test split, export. (`python train.py ...` in a clone is the same.)
 
 A finished run writes to run.dir:
     config.yaml    the resolved config
     checkpoints/   Lightning checkpoints (student state only)
-    logs/          metrics.csv (training curves)
+    logs/          metrics.csv (training curves) and the other run.loggers' files
     student/       the exported student (see mmkd.export)
     metrics.json   final test metrics, written last
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mmkd.callbacks import EpochTimer
@@ -36,6 +34,7 @@ from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
 from mmkd.io import write_json, write_text
+from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
@@ -85,7 +84,7 @@ class RunInterrupted(MMKDError):
             f"{signal}: stopped; checkpoint saved to {checkpoint}. Run the same "
             "command with run.resume=true to continue."
         )
-        self.exit_code = 130 if signal == "SIGINT" else 143
+        self.exit_code = 130 if signal == "SIGINT" else 143  # the shell's 128 + signal number
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -107,6 +106,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
 def build_trainer(
     cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback] = ()
 ) -> pl.Trainer:
+    """The Lightning Trainer of a run: `trainer.*` settings, checkpoints in RUN_DIR/checkpoints,
+    the loggers of `run.loggers` (each sent the resolved config)."""
     t = cfg.trainer
     kwargs: dict[str, Any] = OmegaConf.to_container(t, resolve=True)  # type: ignore[assignment]
     extra = kwargs.pop("extra")
@@ -122,9 +123,9 @@ def build_trainer(
             **kwargs,
             **extra,
             default_root_dir=str(run_dir),
-            callbacks=[checkpoint, EpochTimer(), *callbacks],
+            callbacks=[checkpoint, EpochTimer(), LogRunConfig(cfg), *callbacks],
             plugins=[SafeCheckpointIO()],
-            logger=CSVLogger(save_dir=str(run_dir), name="", version="logs"),
+            logger=build_loggers(cfg, run_dir),
         )
     except (ValueError, TypeError, MisconfigurationException) as err:
         # Lightning checks accelerator / strategy / precision combinations here
@@ -139,7 +140,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     resume = check_run_dir(cfg, run_dir)
     absolute_data_paths(cfg.data)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    splits = build_splits(cfg.data, cfg.run.seed)
+    splits = build_splits(cfg.data)
     teacher, students = build_models(cfg, splits)
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
     module = DistillModule(cfg, teacher, students, splits.class_names, prompts)
@@ -189,7 +190,7 @@ def finish(
                 class_names=class_names,
                 class_embeddings=module.class_embeddings,
             )
-    plot_training_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "training.png")
+    plot_training_curves(run_dir, run_dir / "plots" / "training.png")
     metrics: dict[str, float] = {}
     if cfg.run.test:
         models = dict(module.students.items())
@@ -205,25 +206,24 @@ def finish(
             device=module.device,
         )
     metrics.update({f"data/{k.replace('/', '_')}": v for k, v in (training_counts or {}).items()})
+    log_final_metrics(module.loggers, metrics, module.global_step)
     write_json(run_dir / "metrics.json", metrics)
     if metrics:  # run.test=false leaves nothing to tabulate
         print(format_summary(metrics, run_dir))
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: compose the config from `argv`, train, print the summary."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
+def command(argv: Sequence[str]) -> int:
+    """`mmkd train [overrides]`: compose the config, train, print the summary."""
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    try:
-        train(compose(args))
-    except RunInterrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
-        return err.exit_code
-    except MMKDError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    train(compose(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mmkd train` through the shared command-line wrapper (kept for `python train.py`)."""
+    from mmkd.cli import run_command
+
+    return run_command("train", argv)

@@ -238,7 +238,7 @@ def manifest_cfg(data_cfg, path: Path, on_error: str, **manifest: Any):
 
 def load_batch(cfg, preprocessors: dict[str, Preprocessor]) -> dict[str, Any]:
     """Build the splits, load every training item and collate them as training would."""
-    splits = build_splits(cfg, 0)
+    splits = build_splits(cfg)
     collate = RoleCollate(
         preprocessors,
         train=False,
@@ -255,7 +255,7 @@ def run_case(case: Case, suffix: str, media, data_cfg, preprocessors, caplog) ->
 
     if case.at_build:  # the row is refused as soon as the manifest is read
         with pytest.raises(DataError, match=pattern):
-            build_splits(manifest_cfg(data_cfg, path, "raise"), 0)
+            build_splits(manifest_cfg(data_cfg, path, "raise"))
     with pytest.raises(DataError, match=pattern) as raised:
         load_batch(manifest_cfg(data_cfg, path, "raise"), preprocessors)
     assert "Traceback" not in str(raised.value)
@@ -315,7 +315,7 @@ def test_a_rejected_manifest_is_a_config_error(media, data_cfg, write, manifest,
     for on_error in ("raise", "skip"):  # skipping does not apply to the manifest as a whole
         cfg = data_cfg("manifest", on_error=on_error, manifest={"train": str(path), **manifest})
         with pytest.raises(ConfigError, match=message):
-            build_splits(cfg, 0)
+            build_splits(cfg)
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -619,7 +619,7 @@ def test_fuzz_manifest_loader_raises_only_mmkd_errors(
         manifest = {"train": str(path), "class_names": class_names}
         cfg = data_cfg("manifest", on_error=on_error, val_fraction=0.5, manifest=manifest)
         try:
-            splits = build_splits(cfg, 0)
+            splits = build_splits(cfg)
         except (ConfigError, DataError) as err:
             assert str(path) in str(err) or str(err).startswith("data.manifest.")
             return

@@ -158,10 +158,7 @@ def fake_root(media) -> Path:
 
 def test_mnist_builder(fake_root, data_cfg):
     splits = build_splits(
-        data_cfg(
-            "mnist", root=str(fake_root), val_fraction=0.2, prompt_template="the digit {name}"
-        ),
-        seed=3,
+        data_cfg("mnist", root=str(fake_root), val_fraction=0.2, prompt_template="the digit {name}")
     )
     assert (len(splits.train), len(splits.val), len(splits.test)) == (160, 40, 50)
     assert splits.modalities == ("image", "text") and splits.num_classes == 10
@@ -169,27 +166,24 @@ def test_mnist_builder(fake_root, data_cfg):
     assert item["id"] == "mnist-test-13" and item["label"] == 3
     assert item["image"].shape == (28, 28) and item["image"].dtype == np.uint8
     assert item["text"] == "the digit three"
-    # val is fixed: it does not move with run.seed
-    again = build_splits(data_cfg("mnist", root=str(fake_root), val_fraction=0.2), seed=4)
-    assert list(again.val.indices) == list(splits.val.indices)
-    whole = build_splits(data_cfg("mnist", root=str(fake_root), mnist={"split": "train"}), 0)
+    whole = build_splits(data_cfg("mnist", root=str(fake_root), mnist={"split": "train"}))
     assert len(whole.test) == 200
 
 
 def test_mnist_config_errors(fake_root, data_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"data.mnist.root: not set, and data.root"):
-        build_splits(data_cfg("mnist"), 0)
+        build_splits(data_cfg("mnist"))
     with pytest.raises(ConfigError, match=r"data.mnist.root: folder .*nowhere does not exist"):
-        build_splits(data_cfg("mnist", mnist={"root": str(tmp_path / "nowhere")}), 0)
+        build_splits(data_cfg("mnist", mnist={"root": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match=r"data.mnist.root: .* has no train-images-idx3-ubyte"):
-        build_splits(data_cfg("mnist", mnist={"root": str(fake_root / "fsdd")}), 0)
+        build_splits(data_cfg("mnist", mnist={"root": str(fake_root / "fsdd")}))
     with pytest.raises(ConfigError, match=r"data.prompt_template"):
-        build_splits(data_cfg("mnist", root=str(fake_root), prompt_template="{label}"), 0)
+        build_splits(data_cfg("mnist", root=str(fake_root), prompt_template="{label}"))
 
 
 def test_fsdd_builder(fake_root, data_cfg):
     cfg = data_cfg("fsdd", root=str(fake_root), val_fraction=0.25)
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     assert splits.modalities == ("audio", "text")
     assert (len(splits.train), len(splits.val), len(splits.test)) == (45, 15, 100)
     train_ids = {splits.train.sample_id(i) for i in range(len(splits.train))}
@@ -201,7 +195,7 @@ def test_fsdd_builder(fake_root, data_cfg):
     wave, rate = item["audio"]
     assert wave.shape == (80,) and rate == 8000
     only_bob = build_splits(
-        data_cfg("fsdd", root=str(fake_root), fsdd={"speakers": ["bob"], "split": "all"}), 0
+        data_cfg("fsdd", root=str(fake_root), fsdd={"speakers": ["bob"], "split": "all"})
     )
     assert len(only_bob.test) == 80
     assert all("_bob_" in only_bob.test.sample_id(i) for i in range(80))
@@ -214,16 +208,16 @@ def test_fsdd_errors(fake_root, data_cfg, media):
         match=r"data.fsdd.speakers: unknown speaker\(s\) carl; "
         r".* has anna, bob",
     ):
-        build_splits(data_cfg("fsdd", fsdd={"root": recordings, "speakers": ["anna", "carl"]}), 0)
+        build_splits(data_cfg("fsdd", fsdd={"root": recordings, "speakers": ["anna", "carl"]}))
     with pytest.raises(ConfigError, match=r"data.fsdd.root: .*mnist has no \{digit\}"):
-        build_splits(data_cfg("fsdd", fsdd={"root": str(fake_root / "mnist")}), 0)
+        build_splits(data_cfg("fsdd", fsdd={"root": str(fake_root / "mnist")}))
     # a broken clip names the file, or becomes Skipped under on_error=skip
     media.raw("fsdd/recordings/3_anna_0.wav", b"RIFF....WAVEfmt broken")
-    test = build_splits(data_cfg("fsdd", fsdd={"root": recordings}), 0).test
+    test = build_splits(data_cfg("fsdd", fsdd={"root": recordings})).test
     broken = next(i for i in range(len(test)) if test.sample_id(i) == "3_anna_0.wav")
     with pytest.raises(DataError, match=r"3_anna_0\.wav cannot be decoded"):
         test[broken]
-    skipping = build_splits(data_cfg("fsdd", fsdd={"root": recordings}, on_error="skip"), 0).test
+    skipping = build_splits(data_cfg("fsdd", fsdd={"root": recordings}, on_error="skip")).test
     assert isinstance(skipping[broken], Skipped) and skipping[broken].id == "3_anna_0.wav"
 
 
@@ -234,7 +228,7 @@ def pair_table(dataset) -> list[tuple[str, str]]:
 def test_av_digits_builder(fake_root, data_cfg):
     def build(**overrides):
         cfg = data_cfg("av_digits", root=str(fake_root), **{"val_fraction": 0.25, **overrides})
-        return build_splits(cfg, 0)
+        return build_splits(cfg)
 
     splits = build()
     assert splits.modalities == ("image", "audio", "text")
@@ -263,7 +257,7 @@ def test_av_digits_builder(fake_root, data_cfg):
 
 def test_av_digits_split_all_keeps_sides_apart(fake_root, data_cfg):
     cfg = data_cfg("av_digits", root=str(fake_root), val_fraction=0.25, fsdd={"split": "all"})
-    splits = build_splits(cfg, 0)
+    splits = build_splits(cfg)
     for clip, image in pair_table(splits.test):
         side = official_split(int(clip[:-4].split("_")[2]))
         assert image.startswith(f"mnist-{side}-")
@@ -271,4 +265,4 @@ def test_av_digits_split_all_keeps_sides_apart(fake_root, data_cfg):
 
 def test_unknown_dataset_name(data_cfg):
     with pytest.raises(ConfigError, match=r"data.name: unknown dataset 'mnsit'.*'mnist'"):
-        build_splits(data_cfg("mnsit"), 0)
+        build_splits(data_cfg("mnsit"))

@@ -28,7 +28,7 @@ def image_folder(media, root: str, per_class: int = 4, classes=CLASSES) -> str:
 def test_classes_are_the_sorted_folders_and_ids_their_relative_paths(media, data_cfg):
     train = image_folder(media, "train")
     media.raw("train/bee/notes.txt", b"not an image")
-    splits = build_splits(data_cfg("folder", folder={"train": train, "val_size": 3}), 0)
+    splits = build_splits(data_cfg("folder", folder={"train": train, "val_size": 3}))
     assert splits.class_names == ["ant", "bee", "cat"]
     assert splits.modalities == ("image",)
     assert len(splits.train) == 9 and len(splits.val) == 3 and splits.test is splits.val
@@ -41,12 +41,12 @@ def test_classes_are_the_sorted_folders_and_ids_their_relative_paths(media, data
 
 def test_the_validation_split_is_fixed_and_a_fraction_or_a_count(media, data_cfg):
     train = image_folder(media, "train", per_class=10)
-    first = build_splits(data_cfg("folder", folder={"train": train, "val_size": 0.2}), 0)
-    again = build_splits(data_cfg("folder", folder={"train": train, "val_size": 0.2}), 5)
+    first = build_splits(data_cfg("folder", folder={"train": train, "val_size": 0.2}))
+    again = build_splits(data_cfg("folder", folder={"train": train, "val_size": 0.2}))
     assert len(first.val) == 6
-    assert sample_ids(first.val) == sample_ids(again.val)  # run.seed does not move it
+    assert sample_ids(first.val) == sample_ids(again.val)  # fixed by split_seed
     other = build_splits(
-        data_cfg("folder", folder={"train": train, "val_size": 6, "split_seed": 1}), 0
+        data_cfg("folder", folder={"train": train, "val_size": 6, "split_seed": 1})
     )
     assert len(other.val) == 6 and sample_ids(other.val) != sample_ids(first.val)
 
@@ -55,7 +55,7 @@ def test_separate_val_and_test_folders(media, data_cfg):
     train = image_folder(media, "train")
     val = image_folder(media, "val", per_class=2)
     test = image_folder(media, "test", per_class=1, classes=("bee",))  # a subset of classes
-    splits = build_splits(data_cfg("folder", folder={"train": train, "val": val, "test": test}), 0)
+    splits = build_splits(data_cfg("folder", folder={"train": train, "val": val, "test": test}))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 6, 1)
     assert splits.test[0]["label"] == 1  # bee is still class 1
 
@@ -73,25 +73,25 @@ def test_separate_val_and_test_folders(media, data_cfg):
 def test_a_bad_layout_is_a_config_error(media, data_cfg, setup, message):
     setup(media)
     with pytest.raises(ConfigError, match=message):
-        build_splits(data_cfg("folder", folder={"train": str(media.path("t"))}), 0)
+        build_splits(data_cfg("folder", folder={"train": str(media.path("t"))}))
 
 
 def test_unknown_class_in_a_val_folder_is_named(media, data_cfg):
     train = image_folder(media, "train")
     val = image_folder(media, "val", per_class=1, classes=("cat", "dog"))
     with pytest.raises(ConfigError, match=r"data\.folder\.val: class folder\(s\) dog"):
-        build_splits(data_cfg("folder", folder={"train": train, "val": val}), 0)
+        build_splits(data_cfg("folder", folder={"train": train, "val": val}))
 
 
 def test_a_bad_file_is_named_or_skipped(media, data_cfg, caplog):
     train = image_folder(media, "train")
     media.raw("train/ant/broken.png", b"\x89PNG not really")
     folder = {"train": train, "val_size": 1}
-    splits = build_splits(data_cfg("folder", folder=folder), 0)
+    splits = build_splits(data_cfg("folder", folder=folder))
     position = sample_ids(splits.train).index("ant/broken.png")
     with pytest.raises(DataError, match=r"ant/broken\.png cannot be decoded"):
         splits.train[position]
-    skipping = build_splits(data_cfg("folder", folder=folder, on_error="skip"), 0)
+    skipping = build_splits(data_cfg("folder", folder=folder, on_error="skip"))
     assert isinstance(skipping.train[position], Skipped)
 
 

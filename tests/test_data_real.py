@@ -24,7 +24,7 @@ def clip_parts(name: str) -> tuple[int, str, int]:
 
 
 def test_fsdd_official_splits(shared_data, data_cfg):
-    splits = build_splits(data_cfg("fsdd", root=str(shared_data)), seed=0)
+    splits = build_splits(data_cfg("fsdd", root=str(shared_data)))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (2025, 225, 250)
     test = [clip_parts(name) for name in ids(splits.test)]
     assert all(index < 5 for _, _, index in test)
@@ -32,30 +32,28 @@ def test_fsdd_official_splits(shared_data, data_cfg):
     assert Counter(digit for digit, _, _ in test) == dict.fromkeys(range(10), 25)
     train, val = set(ids(splits.train)), set(ids(splits.val))
     assert not train & val and all(clip_parts(n)[2] >= 5 for n in train | val)
-    # the holdout is fixed by file, whatever the run seed
-    assert ids(build_splits(data_cfg("fsdd", root=str(shared_data)), seed=5).val) == ids(splits.val)
     item = splits.val[0]
     wave, rate = item["audio"]
     assert rate == 8000 and wave.ndim == 1 and wave.dtype == np.float32
     assert 0.1 < len(wave) / rate < 2.5 and item["label"] == clip_parts(item["id"])[0]
-    every = build_splits(data_cfg("fsdd", root=str(shared_data), fsdd={"split": "all"}), 0)
+    every = build_splits(data_cfg("fsdd", root=str(shared_data), fsdd={"split": "all"}))
     assert len(every.test) == 2500
 
 
 def test_fsdd_speakers_filter(shared_data, data_cfg):
     root = str(shared_data / "fsdd" / "recordings")
     cfg = data_cfg("fsdd", fsdd={"root": root, "speakers": ["george", "lucas"], "split": "train"})
-    splits = build_splits(cfg, 0)
+    splits = build_splits(cfg)
     assert len(splits.test) == 900 and len(splits.train) + len(splits.val) == 900
     assert {clip_parts(n)[1] for n in ids(splits.test)} == {"george", "lucas"}
     present = ", ".join(SPEAKERS)
     with pytest.raises(ConfigError, match=rf"unknown speaker\(s\) theo; .* has {present}"):
-        build_splits(data_cfg("fsdd", fsdd={"root": root, "speakers": ["theo"]}), 0)
+        build_splits(data_cfg("fsdd", fsdd={"root": root, "speakers": ["theo"]}))
 
 
 def test_mnist_counts_and_labels(shared_data, data_cfg):
     splits = build_splits(
-        data_cfg("mnist", root=str(shared_data), prompt_template="a handwritten {name}"), seed=0
+        data_cfg("mnist", root=str(shared_data), prompt_template="a handwritten {name}")
     )
     assert (len(splits.train), len(splits.val), len(splits.test)) == (54000, 6000, 10000)
     test_labels = splits.test.part.labels
@@ -76,7 +74,7 @@ def test_mnist_counts_and_labels(shared_data, data_cfg):
     item = splits.test[0]
     assert item["image"].shape == (28, 28) and item["image"].dtype == np.uint8
     assert item["label"] == 7 and item["text"] == "a handwritten seven"
-    whole = build_splits(data_cfg("mnist", root=str(shared_data), mnist={"split": "train"}), 0)
+    whole = build_splits(data_cfg("mnist", root=str(shared_data), mnist={"split": "train"}))
     assert len(whole.test) == 60000
 
 
@@ -86,7 +84,7 @@ def pairs(dataset) -> list[tuple[str, str]]:
 
 def test_av_digits_pairs(shared_data, data_cfg):
     def build(**overrides):
-        return build_splits(data_cfg("av_digits", root=str(shared_data), **overrides), 0)
+        return build_splits(data_cfg("av_digits", root=str(shared_data), **overrides))
 
     splits = build()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (2025, 225, 250)
@@ -99,7 +97,7 @@ def test_av_digits_pairs(shared_data, data_cfg):
     val_images = {int(image.rsplit("-", 1)[1]) for _, image in pairs(splits.val)}
     train_images = {int(image.rsplit("-", 1)[1]) for _, image in pairs(splits.train)}
     assert not val_images & train_images
-    assert val_images <= set(build_splits(data_cfg("mnist", root=str(shared_data)), 0).val.indices)
+    assert val_images <= set(build_splits(data_cfg("mnist", root=str(shared_data))).val.indices)
     item = splits.test[0]
     assert item["label"] == clip_parts(item["id"].split("+")[0])[0]
     assert item["image"].shape == (28, 28) and item["audio"][1] == 8000
@@ -116,8 +114,7 @@ def test_av_digits_split_all_and_several_images(shared_data, data_cfg):
             root=str(shared_data),
             fsdd={"split": "all"},
             av_digits={"images_per_clip": 2},
-        ),
-        0,
+        )
     )
     assert len(splits.test) == 5000 and len(splits.train) == 4050
     for clip, image in pairs(splits.test):

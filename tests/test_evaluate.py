@@ -1,4 +1,4 @@
-"""`python -m mmkd.evaluate RUN_DIR` on tiny generated data, and the retrieval metrics."""
+"""`mmkd evaluate RUN_DIR` on tiny generated data, and the retrieval metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from tiny import small_run, tiny_overrides
 
 from mmkd.evaluate import main as evaluate_main
-from mmkd.evaluate import retrieval_metrics
+from mmkd.metrics import retrieval_metrics
 from mmkd.train import main as train_main
 
 

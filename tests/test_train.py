@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from tiny import tiny_overrides
 
+from mmkd.config import compose
 from mmkd.export import load_exported
-from mmkd.train import main
+from mmkd.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -150,22 +152,43 @@ def test_same_seed_gives_the_same_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class EncoderDtypes(pl.Callback):
+    """Records the dtype of the student encoder's output at every training-mode forward."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.students["student"].encoder.register_forward_hook(self.record)
+
+    def record(self, module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        if module.training:  # not validation, test or latency timing
+            self.dtypes.append(out.dtype)
+
+
 def test_bf16_mixed_precision_on_cpu(tmp_path):
-    metrics = run(
-        tmp_path,
-        *supervised("image"),
-        "trainer.precision=bf16-mixed",
-    )
+    probe = EncoderDtypes()
+    overrides = [*SMALL, f"run.dir={tmp_path}", *supervised("image")]
+    metrics = train(compose([*overrides, "trainer.precision=bf16-mixed"]), callbacks=[probe])
     assert 0.0 <= metrics["student/accuracy"] <= 1.0
+    assert len(probe.dtypes) == 6  # 96 samples / 16: every training step ran in bfloat16
+    assert set(probe.dtypes) == {torch.bfloat16}
 
 
 @pytest.mark.slow
 def test_compiled_student_trains_and_exports(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     metrics = run(
         tmp_path,
         *supervised("audio_cnn"),
         "distill.compile_student=true",
     )
     assert 0.0 <= metrics["student/accuracy"] <= 1.0
+    # dynamo captured and compiled the student's forward (nothing else here is compiled)
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert counters["frames"]["ok"] >= 1, dict(counters["frames"])
     keys = load_exported(tmp_path / "student").model.state_dict().keys()
     assert not any("_orig_mod" in k for k in keys)

@@ -8,6 +8,10 @@
 A `defaults:` entry is `group: name` (load configs/group/name.yaml into that key) or
 `key: group/name` (load another group's file into `key`, e.g. `extra_students.image: student/x`).
 `name` may be `none` to set the key to null (e.g. `teacher=none`).
+
+Files are looked up first in the user's config folder (`run.config_path=DIR`, laid out like
+`configs/`), then in mmkd's own config groups, so a project keeps its experiments beside
+mmkd's and may replace any of its files.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ CONFIG_GROUPS = ("data", "teacher", "student", "losses", "trainer", "experiment"
 
 
 def default_config_dir() -> Path:
-    """The repository's `configs/` folder (next to `mmkd/`), or `./configs`."""
-    beside_package = Path(__file__).resolve().parents[2] / "configs"
-    if beside_package.is_dir():
-        return beside_package
-    return Path.cwd() / "configs"
+    """mmkd's own config groups: `mmkd/configs` in an installed wheel (package data), or the
+    repository's top-level `configs/` in a clone or an editable install."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ConfigError(f"mmkd's config groups are missing: no configs/config.yaml in {package}")
 
 
 def package_dir(package: str, *parts: str) -> str:
@@ -61,11 +67,14 @@ def _merge(cfg: DictConfig, other: DictConfig | dict, source: str) -> DictConfig
         raise ConfigError(f"{source}: {describe_config_error(err)}") from None
 
 
-def _load_yaml(path: Path, what: str) -> DictConfig:
-    if not path.is_file():
-        group_dir = path.parent
-        choices = sorted(p.stem for p in group_dir.glob("*.yaml")) if group_dir.is_dir() else []
-        raise ConfigError(f"{what}: no file {path}. Available: {', '.join(choices) or 'none'}")
+def _load_yaml(search: Sequence[Path], relative: str, what: str) -> DictConfig:
+    """Load `relative` from the first folder of `search` that has it."""
+    path = next((d / relative for d in search if (d / relative).is_file()), None)
+    if path is None:
+        group = Path(relative).parent
+        choices = sorted({p.stem for d in search for p in (d / group).glob("*.yaml")})
+        where = " or ".join(str(d / relative) for d in search)
+        raise ConfigError(f"{what}: no file {where}. Available: {', '.join(choices) or 'none'}")
     loaded = OmegaConf.load(path)
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
@@ -86,36 +95,45 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
     return choices, dotlist
 
 
-def _group_node(config_dir: Path, key: str, choice: str) -> DictConfig | None:
+def _group_node(search: Sequence[Path], key: str, choice: str) -> DictConfig | None:
     group, _, name = choice.rpartition("/")
     group = group or key
     if name in ("none", "null"):
         return None
-    return _load_yaml(config_dir / group / f"{name}.yaml", f"{key}={choice}")
+    return _load_yaml(search, f"{group}/{name}.yaml", f"{key}={choice}")
+
+
+def _search_path(dotlist: Sequence[str], config_dir: Path) -> list[Path]:
+    """The user's config folder (`run.config_path=DIR` on the command line) before mmkd's."""
+    user = [item.partition("=")[2] for item in dotlist if item.startswith("run.config_path=")]
+    if not user or user[-1] in ("", "null"):
+        return [config_dir]
+    folder = Path(user[-1]).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"run.config_path: {folder} is not a folder")
+    return [folder, config_dir]
 
 
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
     """Build the typed config for `overrides` (`group=name` and `key.path=value` items)."""
     register_resolvers()
-    config_dir = Path(config_dir) if config_dir else default_config_dir()
     cli_choices, dotlist = _parse_overrides(overrides)
+    search = _search_path(dotlist, Path(config_dir) if config_dir else default_config_dir())
 
-    base = _load_yaml(config_dir / "config.yaml", "config.yaml")
+    base = _load_yaml(search, "config.yaml", "config.yaml")
     choices: dict[str, str] = dict(base.pop("defaults", None) or {})
     experiment = cli_choices.pop("experiment", None) or choices.pop("experiment", None)
     choices.pop("experiment", None)
     body: list[tuple[DictConfig, str]] = [(base, "config.yaml")]
     if experiment:
-        exp = _load_yaml(
-            config_dir / "experiment" / f"{experiment}.yaml", f"experiment={experiment}"
-        )
+        exp = _load_yaml(search, f"experiment/{experiment}.yaml", f"experiment={experiment}")
         choices.update(exp.pop("defaults", None) or {})
         body.append((exp, f"experiment/{experiment}.yaml"))
     choices.update(cli_choices)
 
     cfg = OmegaConf.structured(Config)
     for key, choice in choices.items():
-        node = _group_node(config_dir, key, str(choice))
+        node = _group_node(search, key, str(choice))
         cfg = _merge(
             cfg,
             OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
@@ -135,6 +153,8 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
     cfg = _merge(cfg, cli, "command line")
     _replace_free_mappings(cfg, dotlist)
+    if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
+        cfg.run.config_path = str(search[0])
     return cfg
 
 

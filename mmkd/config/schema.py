@@ -130,6 +130,7 @@ class AdapterSpec:
     audio: AudioCfg = field(default_factory=AudioCfg)
     cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
     wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
+    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin adapters
 
 
 # --------------------------------------------------------------------------- data
@@ -212,6 +213,7 @@ class DataCfg:
     # text prompt per class: for the text side of paired data and zero-shot evaluation
     prompt_template: str = "{name}"
     on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
+    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin datasets
     demo: DemoCfg = field(default_factory=DemoCfg)
     manifest: ManifestCfg = field(default_factory=ManifestCfg)
     folder: FolderCfg = field(default_factory=FolderCfg)
@@ -225,18 +227,24 @@ class DataCfg:
 
 @dataclass
 class KDCfg:
+    """Hinton KD: KL divergence of temperature-softened class distributions."""
+
     weight: float = 0.0
     temperature: float = 4.0
 
 
 @dataclass
 class EmbedCfg:
+    """Regression of the student embedding onto the teacher's."""
+
     weight: float = 0.0
     kind: str = "cosine"  # cosine | mse
 
 
 @dataclass
 class ContrastiveCfg:
+    """CLIP InfoNCE between paired student and teacher embeddings."""
+
     weight: float = 0.0
     temperature: float = 0.07  # initial temperature (CLIP)
     learn_temperature: bool = True
@@ -246,6 +254,8 @@ class ContrastiveCfg:
 
 @dataclass
 class RelationalCfg:
+    """RKD: distances and angles between the samples of a batch (Park et al. 2019)."""
+
     weight: float = 0.0
     distance_weight: float = (
         1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
@@ -255,6 +265,8 @@ class RelationalCfg:
 
 @dataclass
 class CECfg:
+    """Cross-entropy with the labels (needs data.train_labels=true)."""
+
     weight: float = 0.0
     label_smoothing: float = 0.0
 
@@ -275,6 +287,8 @@ class LossesCfg:
 
 @dataclass
 class OptimCfg:
+    """Optimizer and learning-rate schedule."""
+
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -335,6 +349,8 @@ class TrainerCfg:
 
 @dataclass
 class RunCfg:
+    """Where a run writes, how it is seeded, resumed, tested and logged."""
+
     seed: int = 0
     dir: Optional[str] = None  # output folder; None: runs/<name>-<timestamp>
     name: str = "default"  # the experiment name (set by experiment=NAME)
@@ -343,10 +359,24 @@ class RunCfg:
     export: bool = True  # write DIR/student
     latency_seconds: float = 1.0  # time spent timing each model for the CPU latency figure
     checkpoint_every_n_steps: Optional[int] = None  # None: checkpoint at the end of each epoch
+    # a folder laid out like configs/ (experiment/, student/, ...) searched before mmkd's own
+    config_path: Optional[str] = None
+    # modules imported at start-up so the adapters / datasets they register can be named; configs
+    # never import anything else (installed plugins can also use the mmkd.adapters /
+    # mmkd.datasets entry point groups, loaded only when their name is used)
+    plugins: List[str] = field(default_factory=list)
+    # Lightning loggers: csv (RUN_DIR/logs/metrics.csv) | tensorboard | mlflow | wandb
+    loggers: List[str] = field(default_factory=lambda: ["csv"])
+    # None: a local MLflow file store in RUN_DIR/logs/mlruns; else any MLflow tracking URI
+    mlflow_tracking_uri: Optional[str] = None
+    wandb_project: Optional[str] = None  # None: the run's name
+    wandb_offline: bool = True  # W&B writes RUN_DIR/logs/wandb only; false: sync to the server
 
 
 @dataclass
 class Config:
+    """A whole run: data, teacher, student(s), losses, optimisation, trainer and run settings."""
+
     data: DataCfg = field(default_factory=DataCfg)
     teacher: Optional[AdapterSpec] = None  # None: no teacher (supervised training)
     student: AdapterSpec = field(default_factory=AdapterSpec)

@@ -124,7 +124,14 @@ def _check_adapter(key: str, spec: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value that is out of range or contradicts another."""
+    """Raise ConfigError for the first value that is out of range or contradicts another.
+
+    The modules of `run.plugins` are imported first, so the names they register validate."""
+    from mmkd.data import DATASETS
+    from mmkd.loggers import check_loggers
+    from mmkd.plugins import import_plugins
+
+    import_plugins(cfg.run.plugins)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -139,6 +146,8 @@ def validate(cfg: DictConfig) -> None:
         _check_range(cfg, key, positive=False)
     for key, spec in adapter_specs(cfg):
         _check_adapter(key, spec)
+    DATASETS.get(cfg.data.name, key="data.name")
+    check_loggers(cfg.run.loggers)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     val_size = cfg.data.folder.val_size

@@ -18,12 +18,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from mmkd.data.base import DATASETS, DatasetSplits, RawSample, SafeDataset
+from mmkd.data.base import DATASETS, SPLIT_CODES, DatasetSplits, RawSample, SafeDataset
 from mmkd.data.fsdd import Clip, FsddDataset, fsdd_clips
 from mmkd.data.mnist import DIGIT_NAMES, MnistDataset, digit_prompts, mnist_pools
 from mmkd.errors import ConfigError, DataError
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # seeds the pairing of each split independently
 Pool = tuple[MnistDataset, np.ndarray]  # an MNIST file and the indices of it the pool holds
 Pair = tuple[int, MnistDataset, int]  # (clip position, MNIST file, image index)
 
@@ -85,7 +84,8 @@ class AvDigitsDataset(SafeDataset):
 
 
 @DATASETS.register("av_digits")
-def build_av_digits(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_av_digits(cfg: DictConfig) -> DatasetSplits:
+    """Train / val / test pairs of FSDD clips and MNIST images (see the module docstring)."""
     per_clip = cfg.av_digits.images_per_clip
     if per_clip < 1:
         raise ConfigError(f"data.av_digits.images_per_clip: must be >= 1, got {per_clip}")

@@ -27,6 +27,8 @@ from mmkd.registry import Registry
 
 RawSample = dict[str, Any]
 MODALITIES = ("image", "audio", "text")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # a number per split, to seed per-split draws
+HOLDOUT_SEED = 0  # validation held out of train is fixed: it does not move with run.seed
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class DatasetSplits:
         return len(self.class_names)
 
 
-DatasetBuilder = Callable[[DictConfig, int], DatasetSplits]
-DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+DatasetBuilder = Callable[[DictConfig], DatasetSplits]  # the `data` config node -> splits
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", entry_point_group="mmkd.datasets")
 
 
 class SafeDataset(Dataset):
@@ -99,6 +101,7 @@ def limit(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
 
 
 def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
+    """`template` (e.g. "a photo of a {name}") filled with each class name."""
     return [template.format(name=name) for name in class_names]
 
 

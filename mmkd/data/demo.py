@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mmkd.data.base import DATASETS, DatasetSplits, RawSample
+from mmkd.data.base import DATASETS, SPLIT_CODES, DatasetSplits, RawSample
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 SHAPES = ("circle", "square", "triangle")
@@ -23,7 +23,6 @@ CAPTIONS = (
     "a small {name}",
     "a drawing of a {name} on a dark background",
 )
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def draw_shape(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,6 +39,8 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class DemoDataset(Dataset):
+    """One split of the generated data: `size` samples, deterministic in (seed, split, index)."""
+
     def __init__(self, cfg: DictConfig, split: str, size: int, seed: int) -> None:
         self.cfg = cfg
         self.split = split
@@ -52,7 +53,7 @@ class DemoDataset(Dataset):
     def __getitem__(self, index: int) -> RawSample:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
         label = index % len(CLASS_NAMES)
         colour, shape = CLASS_NAMES[label].split()
         return {
@@ -81,7 +82,8 @@ class DemoDataset(Dataset):
 
 
 @DATASETS.register("demo")
-def build_demo(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_demo(cfg: DictConfig) -> DatasetSplits:
+    """Train / val / test splits of the generated demo data (sizes from data.demo)."""
     demo = cfg.demo
     return DatasetSplits(
         train=DemoDataset(demo, "train", demo.num_train, demo.seed),

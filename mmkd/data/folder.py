@@ -124,7 +124,7 @@ def index_folder(
 
 
 @DATASETS.register("folder")
-def build_folder(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_folder(cfg: DictConfig) -> DatasetSplits:
     f = cfg.folder
     if f.train is None:
         raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")

@@ -14,9 +14,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mmkd.data.base import DATASETS, DatasetSplits, RawSample, SafeDataset, holdout_split
+from mmkd.data.base import (
+    DATASETS,
+    HOLDOUT_SEED,
+    DatasetSplits,
+    RawSample,
+    SafeDataset,
+    holdout_split,
+)
 from mmkd.data.decode import data_folder, read_audio
-from mmkd.data.mnist import DIGIT_NAMES, HOLDOUT_SEED, digit_prompts
+from mmkd.data.mnist import DIGIT_NAMES, digit_prompts
 from mmkd.errors import ConfigError
 
 CLIP_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>[^_]+)_(?P<index>\d+)\.wav")
@@ -26,6 +33,8 @@ TEST_INDICES = 5  # official rule: recordings 0-4 of every (speaker, digit) are 
 
 @dataclass(frozen=True)
 class Clip:
+    """One FSDD recording, parsed from its file name."""
+
     path: Path
     digit: int
     speaker: str
@@ -123,7 +132,8 @@ def fsdd_clips(cfg: DictConfig) -> FsddSplits:
 
 
 @DATASETS.register("fsdd")
-def build_fsdd(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_fsdd(cfg: DictConfig) -> DatasetSplits:
+    """FSDD clips: official train minus a fixed holdout, that holdout, `data.fsdd.split`."""
     clips, prompts = fsdd_clips(cfg), digit_prompts(cfg)
     train, val, test = (
         FsddDataset(c, prompts, cfg.on_error) for c in (clips.train, clips.val, clips.test)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from mmkd.data.base import (
     DATASETS,
+    HOLDOUT_SEED,
     MODALITIES,
     DatasetSplits,
     RawSample,
@@ -38,7 +39,6 @@ from mmkd.data.decode import read_audio, read_image
 from mmkd.errors import ConfigError, DataError
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
-HOLDOUT_SEED = 0  # val held out of train does not move with run.seed
 Record = dict[str, Any] | str  # a parsed row, or why the line could not be parsed
 
 
@@ -127,6 +127,8 @@ def _natural(name: str) -> tuple[int, int, str]:
 
 @dataclass(frozen=True)
 class ClassSet:
+    """The classes of a manifest dataset and how its rows' labels map to them."""
+
     names: list[str]
     indices_allowed: bool  # true when the names come from the config: labels may be indices
 
@@ -148,6 +150,8 @@ class ClassSet:
 
 @dataclass(frozen=True)
 class Row:
+    """One parsed manifest row: its line, id, label and modality values, or why it is unusable."""
+
     line: int
     id: str
     label: int | None = None
@@ -233,7 +237,8 @@ def _manifest_path(value: str) -> Path:
 
 
 @DATASETS.register("manifest")
-def build_manifest(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_manifest(cfg: DictConfig) -> DatasetSplits:
+    """Splits from the JSONL / CSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest
     if m.train is None:
         raise ConfigError("data.manifest.train: required when data.name=manifest")

@@ -17,13 +17,19 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
-from mmkd.data.base import DATASETS, DatasetSplits, RawSample, class_prompts, holdout_split
+from mmkd.data.base import (
+    DATASETS,
+    HOLDOUT_SEED,
+    DatasetSplits,
+    RawSample,
+    class_prompts,
+    holdout_split,
+)
 from mmkd.data.decode import data_folder
 from mmkd.errors import ConfigError, DataError
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FILE_PREFIX = {"train": "train", "test": "t10k"}
-HOLDOUT_SEED = 0  # the val holdout is fixed: it must not move with run.seed
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT")
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -74,6 +80,7 @@ class MnistPart:
 
 
 def find_idx(folder: Path, part: str, kind: str) -> Path:
+    """The IDX file of `part` and `kind` in `folder`, gzip-compressed or plain."""
     stem = f"{FILE_PREFIX[part]}-{kind}-ubyte"
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
@@ -155,7 +162,8 @@ def mnist_pools(cfg: DictConfig) -> MnistPools:
 
 
 @DATASETS.register("mnist")
-def build_mnist(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_mnist(cfg: DictConfig) -> DatasetSplits:
+    """MNIST train minus a fixed holdout, that holdout, and the `data.mnist.split` test set."""
     if cfg.mnist.split not in FILE_PREFIX:
         raise ConfigError(f"data.mnist.split: must be train or test, got {cfg.mnist.split!r}")
     pools = mnist_pools(cfg)

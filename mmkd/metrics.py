@@ -1,0 +1,155 @@
+"""Evaluation metrics: one pass over the data (`collect`), then numbers from it (`compute_metrics`,
+`model_costs`): accuracy, macro precision / recall / F1, agreement with the teacher, cross-modal
+retrieval R@K and mAP, parameters and CPU latency. No plotting and no command line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
+
+from mmkd.adapters import Adapter
+from mmkd.adapters.base import class_scores
+from mmkd.latency import count_parameters, cpu_latency_ms
+
+RETRIEVAL_KS = (1, 5, 10)
+
+
+@dataclass
+class Collected:
+    """Everything the metrics and plots need from one pass over the evaluation data."""
+
+    labels: Tensor | None
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
+    scores: dict[str, Tensor] = field(default_factory=dict)  # roles that can classify
+    modalities: dict[str, str] = field(default_factory=dict)
+    first_inputs: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # for timing
+    skipped: int = 0
+
+
+@torch.no_grad()
+def collect(
+    models: Mapping[str, Adapter],
+    loader: DataLoader,
+    class_embeddings: Tensor | None,
+    device: torch.device | str = "cpu",
+) -> Collected:
+    """Run every model over `loader` (eval mode) and keep embeddings, class scores and labels."""
+    embeddings: dict[str, list[Tensor]] = {role: [] for role in models}
+    scores: dict[str, list[Tensor]] = {role: [] for role in models}
+    labels: list[Tensor] = []
+    out = Collected(labels=None, modalities={r: m.modality for r, m in models.items()})
+    prompts = class_embeddings.to(device) if class_embeddings is not None else None
+    for model in models.values():
+        model.eval()
+    for batch in loader:
+        out.skipped += batch["skipped"]
+        if not batch["ids"]:
+            continue
+        for role, model in models.items():
+            inputs = {k: v.to(device) for k, v in batch["inputs"][role].items()}
+            out.first_inputs.setdefault(role, {k: v[:1].cpu() for k, v in inputs.items()})
+            result = model(inputs)
+            embeddings[role].append(result.embedding.float().cpu())
+            role_scores = class_scores(result, prompts)
+            if role_scores is not None:
+                scores[role].append(role_scores.float().cpu())
+        if "labels" in batch:
+            labels.append(batch["labels"])
+    out.embeddings = {r: torch.cat(v) for r, v in embeddings.items() if v}
+    out.scores = {r: torch.cat(v) for r, v in scores.items() if v}
+    out.labels = torch.cat(labels) if labels else None
+    return out
+
+
+def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy (micro) and macro precision, recall and F1 of class `scores`."""
+    args = {"preds": scores, "target": labels, "num_classes": num_classes}
+    return {
+        "accuracy": float(multiclass_accuracy(**args, average="micro")),
+        "precision": float(multiclass_precision(**args, average="macro")),
+        "recall": float(multiclass_recall(**args, average="macro")),
+        "f1": float(multiclass_f1_score(**args, average="macro")),
+    }
+
+
+def retrieval_metrics(
+    queries: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor
+) -> dict[str, float]:
+    """R@K (a same-class item among the top K) and mAP, ranking the gallery by cosine similarity."""
+    similarity = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+    relevant = query_labels[:, None] == gallery_labels[None, :]
+    indexes = torch.arange(len(queries))[:, None].expand_as(similarity)
+    flat = (similarity.flatten(), relevant.flatten(), indexes.flatten())
+    out = {f"R@{k}": float(RetrievalHitRate(top_k=k)(*flat)) for k in RETRIEVAL_KS}
+    out["mAP"] = float(RetrievalMAP()(*flat))
+    return out
+
+
+def retrieval_pairs(collected: Collected, teacher_role: str | None) -> list[tuple[str, str]]:
+    """(query, gallery) role pairs of different modalities that share an embedding space."""
+    roles = [r for r in collected.embeddings if r != teacher_role]
+    pairs = []
+    for query in roles:
+        for gallery in roles:
+            if (
+                query != gallery
+                and collected.modalities[query] != collected.modalities[gallery]
+                and collected.embeddings[query].shape[1] == collected.embeddings[gallery].shape[1]
+            ):
+                pairs.append((query, gallery))
+    return pairs
+
+
+def compute_metrics(
+    collected: Collected, num_classes: int, teacher_role: str | None = "teacher"
+) -> dict[str, float]:
+    """Flat metric keys: ROLE/accuracy|precision|recall|f1, ROLE/teacher_agreement,
+    ROLE/teacher_cosine, retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
+    metrics: dict[str, float] = {"data/skipped_samples": float(collected.skipped)}
+    labels = collected.labels
+    if labels is not None and num_classes:
+        for role, scores in collected.scores.items():
+            for name, value in classification_metrics(scores, labels, num_classes).items():
+                metrics[f"{role}/{name}"] = value
+    teacher_emb = collected.embeddings.get(teacher_role) if teacher_role else None
+    for role, emb in collected.embeddings.items():
+        if role == teacher_role or teacher_emb is None:
+            continue
+        if role in collected.scores and teacher_role in collected.scores:
+            same = collected.scores[role].argmax(-1) == collected.scores[teacher_role].argmax(-1)
+            metrics[f"{role}/teacher_agreement"] = float(same.float().mean())
+        if emb.shape[1] == teacher_emb.shape[1]:
+            metrics[f"{role}/teacher_cosine"] = float(F.cosine_similarity(emb, teacher_emb).mean())
+    if labels is not None:
+        for query, gallery in retrieval_pairs(collected, teacher_role):
+            name = f"{collected.modalities[query]}_to_{collected.modalities[gallery]}"
+            found = retrieval_metrics(
+                collected.embeddings[query], collected.embeddings[gallery], labels, labels
+            )
+            metrics.update({f"retrieval/{name}/{k}": v for k, v in found.items()})
+    return metrics
+
+
+def model_costs(
+    models: Mapping[str, Adapter], collected: Collected, seconds: float
+) -> dict[str, float]:
+    """Parameters and CPU latency per sample (batch 1, a real evaluation sample) of each model."""
+    out: dict[str, float] = {}
+    for role, model in models.items():
+        out[f"{role}/params"] = float(count_parameters(model))
+        if role in collected.first_inputs:
+            out[f"{role}/latency_ms"] = cpu_latency_ms(model, collected.first_inputs[role], seconds)
+    return out
