@@ -37,13 +37,14 @@ def export_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "evaluate", "export")
+    commands = ("train", "evaluate", "export", "pack")
     if not args or args[0] not in commands:
         print(
             f"usage: mmkd {{{','.join(commands)}}} ...\n"
             "  mmkd train [experiment=NAME] [key=value ...]\n"
             "  mmkd evaluate RUN_DIR [key=value ...]\n"
-            "  mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]",
+            "  mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]\n"
+            "  mmkd pack SOURCE OUT_DIR [--shard-size N]",
             file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout,
         )
         return 0 if args and args[0] in ("-h", "--help") else 2
@@ -56,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmkd.evaluate import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "pack":
+        from mmkd.pack import pack_main
+
+        return pack_main(rest)
     return export_main(rest)
 
 

@@ -2,7 +2,15 @@
 
 from omegaconf import DictConfig
 
-from mmkd.data import av_digits, demo, fsdd, manifest, mnist  # noqa: F401  (registration)
+from mmkd.data import (  # noqa: F401  (registration)
+    av_digits,
+    demo,
+    fsdd,
+    hf,
+    manifest,
+    mnist,
+    webdataset,
+)
 from mmkd.data.base import DATASETS, DatasetSplits
 
 
