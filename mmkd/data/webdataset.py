@@ -368,8 +368,9 @@ class ShardStream(IterableDataset):
 
 class StreamLoader(DataLoader):
     """A DataLoader over a configured ShardStream. Its length is the stream's batches per rank;
-    each pass reads the epoch (from `epoch_of`) and, once, the resume point before the workers
-    start. Workers are not persistent, so every epoch's workers see that epoch's plan."""
+    each pass fixes the epoch (from `epoch_of`, or from the resume point on the first pass after
+    a restart) before the workers start. Workers are not persistent, so every epoch's workers
+    see that epoch's plan."""
 
     def __init__(
         self,
@@ -388,9 +389,12 @@ class StreamLoader(DataLoader):
 
     def __iter__(self) -> Any:
         stream: ShardStream = self.dataset  # type: ignore[assignment]
-        stream.epoch = self.epoch_of()
         resume, self.resume = self.resume, None
-        stream.skip_batches = resume[1] if resume is not None and resume[0] == stream.epoch else 0
+        if resume is None:
+            stream.epoch, stream.skip_batches = self.epoch_of(), 0
+        else:  # Lightning starts this first pass before it restores its epoch counter
+            epoch, done = resume
+            stream.epoch, stream.skip_batches = (epoch + 1, 0) if done >= len(self) else resume
         try:  # the workers (or the in-process iterator) take their copy of the plan here
             return super().__iter__()
         finally:
