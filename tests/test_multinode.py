@@ -11,6 +11,8 @@ import sys
 import pytest
 from test_ddp_run import COMMON, ROOT, train_py
 
+from mmkd.config import compose, validate
+from mmkd.errors import ConfigError
 from mmkd.export import load_exported
 
 
@@ -64,3 +66,15 @@ def test_two_nodes_match_one_process(tmp_path):
     worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
     print(f"2 nodes vs 1 process: largest weight difference {worst:.2e}")
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.num_nodes=2"], r"run\.dir: required when trainer\.num_nodes > 1"),
+        (["trainer.num_nodes=0"], r"trainer\.num_nodes: must be > 0"),
+    ],
+)
+def test_node_settings_are_checked_at_start_up(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))

@@ -327,7 +327,7 @@ class ShardStream(IterableDataset):
         wanted = np.zeros(length, dtype=bool)
         wanted[remaining] = True
         held: dict[int, dict[str, Any] | Skipped] = {}
-        turn = iter(remaining.tolist())
+        turn = map(int, remaining)  # not a list: a Python int per sample would grow with N
         due = next(turn, None)
         for position, sample in self._read(pieces, wanted):
             held[position] = sample
