@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         "mmkd.export", "mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]"
     ),
+    "pack": Command("mmkd.pack", "mmkd pack SOURCE OUT_DIR [--shard-size N] [--on-error skip]"),
 }
 
 

@@ -14,9 +14,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import IterableDataset
 
 from mmkd.adapters import Adapter
 from mmkd.data.module import RoleCollate
+from mmkd.errors import ConfigError
 from mmkd.replay import ViewPolicy
 from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, TeacherTargets, open_or_build
 
@@ -92,6 +94,12 @@ class StoredTeacher:
         cfg = self.cfg
         root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
         for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+            if isinstance(dataset, IterableDataset):
+                raise ConfigError(
+                    f"distill.store: the {split} split is streamed (data.name="
+                    f"{cfg.data.name}); the teacher store needs map-style data. Use the live "
+                    "teacher (distill.store.views=null, distill.cache=false)."
+                )
             train = split == "train" and self.augmented
             spec = self.spec if train else StoreSpec(**{**vars(self.spec), "views": 1})
             collate = RoleCollate(

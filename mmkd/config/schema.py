@@ -161,6 +161,41 @@ class ManifestCfg:
 
 
 @dataclass
+class WebDatasetCfg:
+    """WebDataset tar shards. Each split is a brace pattern ("DIR/train-{000000..000127}.tar"),
+    a list of shards, or a folder holding .tar files; URLs (http://, pipe:) go to webdataset."""
+
+    train: Any = None
+    val: Any = None  # None: whole shards held out of train by data.val_fraction (at least one)
+    test: Any = None  # None: the validation split is also the test split
+    shuffle_buffer: int = 1000  # samples held for shuffling inside each worker's stream; 0: none
+    shuffle_shards: bool = True  # reshuffle the shard order every epoch (by run.seed and epoch)
+    # class names, in index order; None: those `mmkd pack` recorded in the shards' shards.json.
+    # A sample's .cls holds a class name, or an integer index into these names
+    class_names: Optional[List[str]] = None
+
+
+@dataclass
+class HfCfg:
+    """A local Hugging Face dataset (map-style: exact mid-epoch resume holds)."""
+
+    # a save_to_disk folder, a folder of .parquet / .arrow files, or the data folder of `builder`
+    path: Optional[str] = None
+    # None: load_from_disk folder, or parquet / arrow files found in path; else a local builder:
+    # imagefolder | audiofolder | parquet | arrow | csv | json
+    builder: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "validation"  # absent from the dataset: held out of train by data.val_fraction
+    test_split: str = "test"  # absent from the dataset: the validation split is also the test split
+    # modality -> column, e.g. {image: img, text: caption}; unlisted modalities are read from a
+    # column of their own name (image / audio / text) when the dataset has one
+    columns: Dict[str, str] = field(default_factory=dict)
+    label_column: Optional[str] = "label"  # None or absent from the dataset: no labels
+    id_column: Optional[str] = None  # None: "SPLIT:ROW"
+    cache_dir: Optional[str] = None  # where `datasets` caches prepared builders; None: its default
+
+
+@dataclass
 class FsddCfg:
     """Free Spoken Digit Dataset recordings: {digit}_{speaker}_{index}.wav."""
 
@@ -198,7 +233,8 @@ class FolderCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "demo"  # dataset registry name: demo | manifest | folder | fsdd | mnist | av_digits
+    # dataset registry name: demo | manifest | folder | fsdd | mnist | av_digits | webdataset | hf
+    name: str = "demo"
     root: Optional[str] = (
         None  # shared data folder; fsdd/mnist roots default to ROOT/fsdd/recordings, ROOT/mnist
     )
@@ -220,6 +256,8 @@ class DataCfg:
     fsdd: FsddCfg = field(default_factory=FsddCfg)
     mnist: MnistCfg = field(default_factory=MnistCfg)
     av_digits: AvDigitsCfg = field(default_factory=AvDigitsCfg)
+    webdataset: WebDatasetCfg = field(default_factory=WebDatasetCfg)
+    hf: HfCfg = field(default_factory=HfCfg)
 
 
 # --------------------------------------------------------------------------- losses

@@ -40,9 +40,11 @@ POSITIVE = (
     "distill.store.logits_topk",
     "distill.store.chunk_size",
     "distill.store.max_gb",
+    "trainer.num_nodes",
 )
 NON_NEGATIVE = (
     "data.num_workers",
+    "data.webdataset.shuffle_buffer",
     "optim.weight_decay",
     "optim.min_lr_ratio",
     "losses.relational.distance_weight",
@@ -160,6 +162,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ConfigError(
             f"optim.warmup_fraction: must be in [0, 1), got {cfg.optim.warmup_fraction}"
+        )
+
+    if cfg.trainer.num_nodes > 1 and not cfg.run.dir:
+        raise ConfigError(
+            "run.dir: required when trainer.num_nodes > 1 (a generated name would differ per "
+            "node); give a folder every node sees"
         )
 
     weights = {name: cfg.losses[name].weight for name in (*TEACHER_TERMS, "ce")}

@@ -2,7 +2,16 @@
 
 from omegaconf import DictConfig
 
-from mmkd.data import av_digits, demo, folder, fsdd, manifest, mnist  # noqa: F401  (registration)
+from mmkd.data import (  # noqa: F401  (registration)
+    av_digits,
+    demo,
+    folder,
+    fsdd,
+    hf,
+    manifest,
+    mnist,
+    webdataset,
+)
 from mmkd.data.base import DATASETS, DatasetSplits
 
 

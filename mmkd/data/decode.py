@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -41,25 +42,35 @@ def check_file(path: PathLike, kind: str) -> Path:
 def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
     """(float32 waveform shaped (samples,) or (samples, channels), sample rate)."""
     path = check_file(path, "audio")
+    return decode_audio(path, f"audio file {path}")
+
+
+def decode_audio(source: PathLike | BinaryIO, name: str) -> tuple[np.ndarray, int]:
+    """Decode audio from a path or a file object (e.g. a shard member); errors start with `name`."""
     try:
-        wave, rate = sf.read(path, dtype="float32", always_2d=False)
+        wave, rate = sf.read(source, dtype="float32", always_2d=False)
     except Exception as err:  # libsndfile reports corrupt and unknown formats in many ways
-        raise DataError(f"audio file {path} cannot be decoded: {err}") from err
+        raise DataError(f"{name} cannot be decoded: {err}") from err
     if wave.shape[0] == 0:
-        raise DataError(f"audio file {path} has no samples")
+        raise DataError(f"{name} has no samples")
     if not np.isfinite(wave).all():
-        raise DataError(f"audio file {path} contains NaN or Inf samples")
+        raise DataError(f"{name} contains NaN or Inf samples")
     return wave, int(rate)
 
 
 def read_image(path: PathLike) -> Image.Image:
     """The decoded image (pixels loaded, file closed)."""
     path = check_file(path, "image")
+    return decode_image(path, f"image file {path}")
+
+
+def decode_image(source: PathLike | BinaryIO, name: str) -> Image.Image:
+    """Decode an image from a path or a file object; errors start with `name`."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
     except Exception as err:  # unidentified, truncated, decompression bomb, ...
-        raise DataError(f"image file {path} cannot be decoded: {err}") from err
+        raise DataError(f"{name} cannot be decoded: {err}") from err
     return image
 
 

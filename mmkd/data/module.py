@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from mmkd.adapters.base import Preprocessor
 from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
+from mmkd.data.webdataset import ShardStream, StreamLoader
 from mmkd.errors import DataError
 from mmkd.replay import ViewPolicy, replay_scope
 
@@ -219,9 +220,38 @@ class DistillDataModule(pl.LightningDataModule):
             **sampling,
         )
 
+    def _stream_loader(self, stream: ShardStream, train: bool, test: bool = False) -> DataLoader:
+        """A streamed split (webdataset): the stream splits itself by rank and worker and pads
+        the parts so every rank runs as many batches; the test split is read whole, once."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer and not test else (1, 0)
+        resume = None
+        if train:
+            resume, self._resume_at = self._resume_at, None
+        workers = self.cfg.num_workers
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        configured = stream.configured(
+            rank=rank,
+            world=world,
+            workers=workers,
+            batch_size=self.cfg.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            pad=not test,
+        )
+        return StreamLoader(
+            configured,
+            epoch_of=lambda: trainer.current_epoch if trainer else 0,
+            resume=resume,
+            num_workers=workers,
+            collate_fn=self._collate(train, test),
+        )
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (run.seed, epoch) and sharded across processes, so any epoch's order can
         be rebuilt after a restart; `load_state_dict` makes it skip the batches already done."""
+        if isinstance(self.train_set, ShardStream):
+            return self._stream_loader(self.train_set, train=True)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = DistributedSampler(
@@ -245,7 +275,11 @@ class DistillDataModule(pl.LightningDataModule):
             self._resume_at = (state["epoch"], state["batches_done"])
 
     def val_dataloader(self) -> DataLoader:
+        if isinstance(self.val_set, ShardStream):
+            return self._stream_loader(self.val_set, train=False)
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if isinstance(self.test_set, ShardStream):
+            return self._stream_loader(self.test_set, train=False, test=True)
         return self._loader(self.test_set, train=False, test=True)
