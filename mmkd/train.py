@@ -66,6 +66,9 @@ DATA_PATH_KEYS = (
     "manifest.train",
     "manifest.val",
     "manifest.test",
+    "folder.train",
+    "folder.val",
+    "folder.test",
 )
 
 
