@@ -33,6 +33,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -70,6 +71,17 @@ class StoreSpec:
     max_gb: float | None = None
 
 
+@dataclass(frozen=True)
+class Collective:
+    """The processes that build a store together (one process by default). Lightning runs
+    pass their strategy's barrier and boolean reduction."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[str], None] = lambda name: None
+    any: Callable[[bool], bool] = lambda flag: flag
+
+
 @dataclass
 class TeacherTargets:
     """What the loss terms get from the teacher for a batch."""
@@ -96,6 +108,48 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+def check_unique(ids: list[str]) -> np.ndarray:
+    """The ids' hashes; DataError when an id repeats or two ids share a 64-bit hash."""
+    hashes = id_hashes(ids)
+    ordered = np.sort(hashes)
+    clash = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if clash.size:
+        same = [i for i, h in zip(ids, hashes, strict=True) if h == ordered[clash[0]]][:2]
+        what = "repeats" if same[0] == same[-1] else f"and {same[1]!r} share a 64-bit hash"
+        raise DataError(f"teacher store: sample id {same[0]!r} {what}; ids must be unique")
+    return hashes
+
+
+def finalize(
+    partial: Path,
+    folder: Path,
+    ids: list[str],
+    meta: dict[str, Any],
+    specs: dict[str, tuple[tuple[int, ...], Any]],
+) -> None:
+    """Write the id index and meta.json into a filled `partial` folder and rename it to
+    `folder` (replacing a damaged entry there)."""
+    hashes = check_unique(ids)
+    order = np.argsort(hashes, kind="stable")
+    np.save(partial / "id_hash.npy", hashes[order])
+    np.save(partial / "row.npy", order.astype(np.int64))
+    (partial / "ids.txt").write_text("\n".join(ids) + "\n")
+    specs = {**specs, "id_hash": ((len(ids),), np.uint64), "row": ((len(ids),), np.int64)}
+    meta = {
+        **meta,
+        "count": len(ids),
+        "arrays": {
+            name: {"shape": list(shape), "dtype": str(np.dtype(dtype))}
+            for name, (shape, dtype) in specs.items()
+        },
+    }
+    write_json(partial / "meta.json", meta)
+    shutil.rmtree(partial / "chunks", ignore_errors=True)
+    if folder.exists():  # a damaged entry being replaced
+        shutil.rmtree(folder)
+    partial.rename(folder)
 
 
 def id_hashes(ids: list[str]) -> np.ndarray:
@@ -310,19 +364,16 @@ class StoreBuilder:
                 specs["logits"] = ((count, k, classes), dtype)
         return specs
 
-    def build(self, folder: Path) -> float:
-        """Write the entry at `folder` (resuming a killed build); returns the seconds spent."""
+    def build(self, folder: Path, group: Collective | None = None) -> float:
+        """Write the entry at `folder` (resuming a killed build); returns the seconds spent.
+
+        With a process group every process calls this: each fills every world-th chunk of the
+        same memory-mapped arrays, then global rank 0 writes the index and renames the entry."""
+        group = group or Collective()
         started = time.perf_counter()
         ids = sample_ids(self.dataset)
         if not ids:
             raise DataError("teacher store: the split has no samples")
-        hashes = id_hashes(ids)
-        order = np.argsort(hashes, kind="stable")
-        if len(np.unique(hashes)) != len(ids):
-            dup = hashes[order][:-1][np.diff(hashes[order]) == 0][0]
-            same = [i for i, h in zip(ids, hashes, strict=True) if h == dup][:2]
-            what = "repeats" if same[0] == same[-1] else f"and {same[1]!r} share a 64-bit hash"
-            raise DataError(f"teacher store: sample id {same[0]!r} {what}; ids must be unique")
         shapes = self.output_shapes()
         specs = self.array_specs(len(ids), shapes)
         total_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
@@ -331,6 +382,7 @@ class StoreBuilder:
                 f"distill.store.max_gb: the teacher store would take {total_bytes / 1e9:.2f} GB "
                 f"(> {self.spec.max_gb} GB); raise distill.store.max_gb or store fewer views"
             )
+        check_unique(ids)
         partial = folder.with_name(folder.name + ".partial")
         layout = {
             "identity": self.identity,
@@ -338,42 +390,38 @@ class StoreBuilder:
             "views": self.spec.views,
             "chunk_size": self.spec.chunk_size,
         }
-        arrays = self.open_partial(partial, layout, specs)
-        chunks = range(0, len(ids), self.spec.chunk_size)
-        done = {c for c in chunks if self.chunk_done(partial, arrays, c)}
-        log.info(
-            "teacher store%s: %d samples x %d views, %.1f MB, in %s (%d of %d chunks done)",
-            self.label,
-            len(ids),
-            self.spec.views,
-            total_bytes / 1e6,
-            folder,
-            len(done),
-            len(chunks),
-        )
-        self.fill(partial, arrays, [c for c in chunks if c not in done], ids)
+        if group.rank == 0:  # prepares (or resumes) the arrays every process writes into
+            arrays = self.open_partial(partial, layout, specs)
+        group.barrier("teacher-store-arrays")
+        if group.rank != 0:
+            arrays = {name: np.load(partial / f"{name}.npy", mmap_mode="r+") for name in specs}
+        chunks = list(range(0, len(ids), self.spec.chunk_size))
+        mine = [c for i, c in enumerate(chunks) if i % group.world == group.rank]
+        todo = [c for c in mine if not self.chunk_done(partial, arrays, c)]
+        if group.rank == 0:
+            log.info(
+                "teacher store%s: %d samples x %d views, %.1f MB, in %s (%d processes; %d of "
+                "%d chunks left)",
+                self.label,
+                len(ids),
+                self.spec.views,
+                total_bytes / 1e6,
+                folder,
+                group.world,
+                len(todo),
+                len(mine),
+            )
+        self.fill(partial, arrays, todo, ids, progress=group.rank == 0)
         for array in arrays.values():
             array.flush()
-        np.save(partial / "id_hash.npy", hashes[order])
-        np.save(partial / "row.npy", order.astype(np.int64))
-        (partial / "ids.txt").write_text("\n".join(ids) + "\n")
-        specs["id_hash"] = ((len(ids),), np.uint64)
-        specs["row"] = ((len(ids),), np.int64)
-        meta = {
-            **layout,
-            "dtype": self.spec.dtype,
-            "num_classes": shapes["classes"],
-            "arrays": {
-                name: {"shape": list(shape), "dtype": str(np.dtype(dtype))}
-                for name, (shape, dtype) in specs.items()
-            },
-        }
-        write_json(partial / "meta.json", meta)
-        shutil.rmtree(partial / "chunks", ignore_errors=True)
         del arrays
-        if folder.exists():  # a damaged entry being replaced
-            shutil.rmtree(folder)
-        partial.rename(folder)
+        group.barrier("teacher-store-filled")
+        if group.rank == 0:
+            missing = [c for c in chunks if not (partial / "chunks" / f"{c}.done").is_file()]
+            if missing:
+                raise CheckpointError(f"teacher store {partial}: chunks {missing} were not built")
+            meta = {**layout, "dtype": self.spec.dtype, "num_classes": shapes["classes"]}
+            finalize(partial, folder, ids, meta, specs)
         seconds = time.perf_counter() - started
         log.info("teacher store%s: built %s in %.1f s", self.label, folder, seconds)
         return seconds
@@ -433,7 +481,12 @@ class StoreBuilder:
 
     @torch.no_grad()
     def fill(
-        self, partial: Path, arrays: dict[str, np.memmap], starts: list[int], ids: list[str]
+        self,
+        partial: Path,
+        arrays: dict[str, np.memmap],
+        starts: list[int],
+        ids: list[str],
+        progress: bool = True,
     ) -> None:
         """Run the teacher over the chunks not done; mark each done once flushed."""
         k, size, count = self.spec.views, self.batch_size, len(ids)
@@ -455,7 +508,8 @@ class StoreBuilder:
         row_of = {sample_id: row for row, sample_id in enumerate(ids)}
         self.teacher.eval()
         desc = f"teacher store{self.label}"
-        for start, batch in tqdm(zip(owner, loader, strict=True), total=len(batches), desc=desc):
+        pairs = zip(owner, loader, strict=True)
+        for start, batch in tqdm(pairs, total=len(batches), desc=desc, disable=not progress):
             if batch["ids"]:
                 inputs = {n: t.to(self.device) for n, t in batch["inputs"]["teacher"].items()}
                 out = self.teacher(inputs)
@@ -478,22 +532,29 @@ class StoreBuilder:
                 marker.write_text(self.checksum(arrays, chunk))
 
 
-def open_or_build(root: Path, builder: StoreBuilder, *, build: bool) -> tuple[Path, float | None]:
-    """Make sure the entry for this teacher and data exists; returns (folder, build seconds or
-    None when it was there). Only the process with `build=True` writes; others wait for it."""
+def open_or_build(
+    root: Path, builder: StoreBuilder, group: Collective | None = None
+) -> tuple[Path, float | None]:
+    """Make sure the entry for this teacher and data exists (every process of `group` calls
+    this); returns (folder, build seconds, or None when it was there)."""
+    group = group or Collective()
     folder = root / builder.key
-    if not build:
-        return folder, None
+    problem = "missing"
     if folder.exists():
         try:
             TeacherStore.open(folder)
-            log.info("teacher store%s: hit %s", builder.label, folder)
-            return folder, None
+            problem = ""
         except CheckpointError as err:
-            log.warning("%s; rebuilding it", err)
+            problem = str(err)
+    if not group.any(bool(problem)):  # one decision for all processes
+        log.info("teacher store%s: hit %s", builder.label, folder)
+        return folder, None
+    if problem != "missing" and group.rank == 0:
+        log.warning("%s; rebuilding it", problem)
     # the pass over the data must not move the training RNG: a run draws the same random
     # numbers (dropout, shuffling seeds) with the store as without it
     cuda = [builder.device] if builder.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        seconds = builder.build(folder)
+        seconds = builder.build(folder, group)
+    group.barrier("teacher-store-ready")
     return folder, seconds

@@ -20,7 +20,14 @@ from mmkd.adapters import Adapter
 from mmkd.data.module import RoleCollate
 from mmkd.errors import ConfigError
 from mmkd.replay import ViewPolicy
-from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, TeacherTargets, open_or_build
+from mmkd.store import (
+    Collective,
+    StoreBuilder,
+    StoreSpec,
+    TeacherStore,
+    TeacherTargets,
+    open_or_build,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,8 @@ class StoredTeacher:
         )
 
     def setup(self, module: pl.LightningModule) -> None:
-        """Build (global rank 0) or wait for, then open, the train and val entries."""
+        """Build (every process its share of the chunks) or find, then open, the train and val
+        entries."""
         trainer = module.trainer
         datamodule = trainer.datamodule
         cfg = self.cfg
@@ -122,8 +130,7 @@ class StoredTeacher:
                 num_workers=cfg.data.num_workers,
                 label=f" ({split})",
             )
-            folder, seconds = open_or_build(root, builder, build=trainer.is_global_zero)
-            trainer.strategy.barrier(f"teacher-store-{split}")
+            folder, seconds = open_or_build(root, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder)
             if seconds is not None:
                 self.build_seconds[split] = seconds
@@ -141,6 +148,17 @@ class StoredTeacher:
 
 
 TeacherSource = LiveTeacher | StoredTeacher
+
+
+def collective(trainer: pl.Trainer) -> Collective:
+    """The trainer's processes, as the store builds with them."""
+    strategy = trainer.strategy
+    return Collective(
+        rank=trainer.global_rank,
+        world=trainer.world_size,
+        barrier=strategy.barrier,
+        any=lambda flag: bool(strategy.reduce_boolean_decision(flag, all=False)),
+    )
 
 
 def make_teacher_source(cfg: DictConfig, teacher: Adapter | None) -> TeacherSource | None:

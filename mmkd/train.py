@@ -65,6 +65,9 @@ DATA_PATH_KEYS = (
     "manifest.train",
     "manifest.val",
     "manifest.test",
+    "folder.train",
+    "folder.val",
+    "folder.test",
 )
 
 

@@ -66,8 +66,10 @@ def test_views_are_identical_across_worker_counts_and_processes(kind, tmp_path):
     out = tmp_path / "views.pt"
     subprocess.run([sys.executable, "-c", VIEWS_SCRIPT, kind, str(out)], check=True)
     assert torch.equal(in_process, torch.load(out))
-    # and they are augmented: two views of one sample differ
-    assert not torch.equal(in_process[0], in_process[1])
+    # and they are augmented: views of one sample differ (two may coincide by chance, e.g. the
+    # same crop offset and flip, 1 in 162 for the pad-and-crop)
+    distinct = {view.numpy().tobytes() for view in in_process}
+    assert len(distinct) >= len(KEYS) - 1
 
 
 def test_replay_leaves_the_global_random_streams_untouched():

@@ -53,7 +53,7 @@ def builder(model, dataset, spec=None, data=DATA, augmented=False):
 
 
 def build(root, model, dataset, **kwargs):
-    return open_or_build(root, builder(model, dataset, **kwargs), build=True)
+    return open_or_build(root, builder(model, dataset, **kwargs))
 
 
 @pytest.fixture(scope="module")
