@@ -21,7 +21,6 @@ import contextlib
 import io
 import logging
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from mmkd.data.manifest import (
     read_manifest,
 )
 from mmkd.data.webdataset import EXTENSIONS, INDEX_NAME, LABEL_EXT, read_index
-from mmkd.errors import ConfigError, DataError, MMKDError
+from mmkd.errors import ConfigError, DataError
 from mmkd.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)

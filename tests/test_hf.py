@@ -59,7 +59,7 @@ HF_COLUMNS = {
 def test_save_to_disk_with_column_mapping(tmp_path, data_cfg):
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": table(6), "test": table(3, offset=100)}).save_to_disk(folder)
-    splits = build_splits(data_cfg("hf", hf={"path": str(folder), **HF_COLUMNS}), seed=0)
+    splits = build_splits(data_cfg("hf", hf={"path": str(folder), **HF_COLUMNS}))
     assert splits.modalities == ("image", "audio", "text")
     assert splits.class_names == ["bird", "cow", "frog"]
     assert len(splits.train) + len(splits.val) == 6 and len(splits.test) == 3  # val held out
@@ -77,7 +77,7 @@ def test_parquet_files_and_string_labels(tmp_path, data_cfg):
     rows = {"text": ["a b", "c d", "e f", "g h"], "label": ["yes", "no", "yes", "10"]}
     datasets.Dataset.from_dict(rows).to_parquet(str(folder / "train.parquet"))
     datasets.Dataset.from_dict(rows).to_parquet(str(folder / "validation.parquet"))
-    splits = build_splits(data_cfg("hf", hf={"path": str(folder)}), seed=0)
+    splits = build_splits(data_cfg("hf", hf={"path": str(folder)}))
     assert splits.modalities == ("text",) and splits.class_names == ["10", "no", "yes"]
     assert [splits.val[i]["label"] for i in range(4)] == [2, 1, 2, 0]
     assert splits.val[0]["id"] == "validation:0"
@@ -88,7 +88,7 @@ def test_imagefolder_builder_on_a_class_folder(tmp_path, data_cfg, media):
         for i in range(3):
             media.png(f"images/train/{name}/{i}.png", size=(4, 4), mode="RGB")
     cfg = data_cfg("hf", hf={"path": str(tmp_path / "images"), "builder": "imagefolder"})
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     assert splits.modalities == ("image",) and splits.class_names == ["bee", "owl"]
     labels = sorted(splits.train[i]["label"] for i in range(len(splits.train)))
     labels += [splits.val[i]["label"] for i in range(len(splits.val))]
@@ -104,11 +104,11 @@ def test_bad_rows_are_named_or_skipped(tmp_path, data_cfg):
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": broken, "validation": broken}).save_to_disk(folder)
     cfg = data_cfg("hf", hf={"path": str(folder), **HF_COLUMNS})
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     with pytest.raises(DataError, match=r"split validation row 2 \(image\) cannot be decoded"):
         splits.val[2]
     cfg.on_error = "skip"
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     collate = RoleCollate({}, train=False, keep_labels=True, num_classes=3, on_error="skip")
     batch = collate([splits.val[i] for i in range(3)])
     assert batch["ids"] == ["u0", "u1"] and batch["skipped"] == 1
@@ -118,6 +118,6 @@ def test_config_errors_name_the_key(tmp_path, data_cfg):
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": table(2)}).save_to_disk(folder)
     with pytest.raises(ConfigError, match=r"data\.hf\.columns\.text: no column 'txt'"):
-        build_splits(data_cfg("hf", hf={"path": str(folder), "columns": {"text": "txt"}}), 0)
+        build_splits(data_cfg("hf", hf={"path": str(folder), "columns": {"text": "txt"}}))
     with pytest.raises(ConfigError, match=r"data\.hf\.path: required"):
-        build_splits(data_cfg("hf"), 0)
+        build_splits(data_cfg("hf"))

@@ -178,7 +178,7 @@ def test_raw_samples_and_modalities_from_a_folder(tmp_path, data_cfg):
             "class_names": CLASSES,
         },
     )
-    splits = build_splits(cfg, seed=0)
+    splits = build_splits(cfg)
     assert splits.modalities == ("image", "text")
     assert splits.class_names == CLASSES
     assert len(splits.train) + len(splits.val) == 12 and len(splits.test) == 3
@@ -194,7 +194,7 @@ def test_config_errors_name_the_key(tmp_path, data_cfg):
     write_shards(tmp_path, [3])
     cfg = data_cfg("webdataset", webdataset={"train": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"data\.webdataset\.val: not set"):
-        build_splits(cfg, seed=0)
+        build_splits(cfg)
 
 
 def test_bad_samples_raise_naming_shard_and_key_or_are_skipped_and_counted(tmp_path):

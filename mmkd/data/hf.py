@@ -210,7 +210,7 @@ class HfDataset(SafeDataset):
 
 
 @DATASETS.register("hf")
-def build_hf(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_hf(cfg: DictConfig) -> DatasetSplits:
     h = cfg.hf
     splits = load_splits(cfg)
     if h.train_split not in splits:

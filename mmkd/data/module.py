@@ -172,6 +172,9 @@ class DistillDataModule(pl.LightningDataModule):
         self.seed = seed
         self.views = views or ViewPolicy(seed=seed)  # default: a new view every epoch
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) after a restart
+        for split in (splits.train, splits.val, splits.test):
+            if isinstance(split, ShardStream):  # streams shuffle their shards by run.seed
+                split.seed = seed
         subset_seed = seed if cfg.subset_seed is None else cfg.subset_seed
         self.train_set = limit(splits.train, cfg.max_train_samples, subset_seed)
         self.val_set = limit(splits.val, cfg.max_eval_samples, seed)

@@ -234,7 +234,7 @@ class ShardStream(IterableDataset):
         sizes: Sequence[int],
         decoder: SampleDecoder,
         *,
-        seed: int = 0,
+        seed: int = 0,  # run.seed: the data module sets it (DistillDataModule)
         shuffle_shards: bool = False,
         shuffle_buffer: int = 0,
     ) -> None:
@@ -427,7 +427,7 @@ def class_names_of(cfg: DictConfig, urls: Sequence[str]) -> list[str] | None:
 
 
 @DATASETS.register("webdataset")
-def build_webdataset(cfg: DictConfig, seed: int) -> DatasetSplits:
+def build_webdataset(cfg: DictConfig) -> DatasetSplits:
     w = cfg.webdataset
     if w.train is None:
         raise ConfigError("data.webdataset.train: required when data.name=webdataset")
@@ -467,7 +467,6 @@ def build_webdataset(cfg: DictConfig, seed: int) -> DatasetSplits:
             urls,
             shard_sizes(urls),
             decoder,
-            seed=seed,
             shuffle_shards=w.shuffle_shards and train_split,
             shuffle_buffer=w.shuffle_buffer if train_split else 0,
         )
