@@ -122,8 +122,7 @@ def build_rank(rank: int, world: int, samples: int, root: str, port: int) -> Non
     from mmkd.config.compose import register_resolvers
     from mmkd.config.schema import AdapterSpec, DemoCfg
     from mmkd.data.demo import DemoDataset
-    from mmkd.data.module import RoleCollate
-    from mmkd.store import Collective, StoreBuilder, StoreSpec, open_or_build
+    from mmkd.store import Collective, StoreBuilder, StoreSpec, open_or_build, teacher_collate
 
     torch.set_num_threads(1)
     group = Collective()
@@ -149,13 +148,7 @@ def build_rank(rank: int, world: int, samples: int, root: str, port: int) -> Non
     torch.manual_seed(0)
     teacher = build_adapter(spec, key="teacher").eval()
     dataset = DemoDataset(OmegaConf.structured(DemoCfg), "train", samples, 0)
-    collate = RoleCollate(
-        {"teacher": teacher.make_preprocessor()},
-        train=True,
-        keep_labels=False,
-        num_classes=0,
-        replay_seed=0,
-    )
+    collate = teacher_collate(teacher.make_preprocessor(), augmented=True, seed=0)
     store = StoreSpec(views=2, seed=0, chunk_size=256)
     builder = StoreBuilder(
         teacher,

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmkd.adapters import Adapter
+from mmkd.adapters import Adapter, Preprocessor
 from mmkd.data.base import sample_ids
 from mmkd.data.module import RoleCollate, ViewedDataset
 from mmkd.errors import CheckpointError, ConfigError, DataError
@@ -309,6 +309,21 @@ class TeacherStore:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def teacher_collate(
+    preprocessor: Preprocessor, *, augmented: bool, seed: int, on_error: str = "raise"
+) -> RoleCollate:
+    """Batches of the teacher's input alone, as a store build reads them: augmented views
+    replayed from `seed` (or the evaluation preprocessing), no labels."""
+    return RoleCollate(
+        {"teacher": preprocessor},
+        train=augmented,
+        keep_labels=False,
+        num_classes=0,
+        on_error=on_error,
+        replay_seed=seed,
+    )
 
 
 class StoreBuilder:

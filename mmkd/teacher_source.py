@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from torch.utils.data import IterableDataset
 
 from mmkd.adapters import Adapter
-from mmkd.data.module import RoleCollate
 from mmkd.errors import ConfigError
 from mmkd.replay import ViewPolicy
 from mmkd.store import (
@@ -27,6 +26,7 @@ from mmkd.store import (
     TeacherStore,
     TeacherTargets,
     open_or_build,
+    teacher_collate,
 )
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,11 @@ class StoredTeacher:
                 )
             train = split == "train" and self.augmented
             spec = self.spec if train else StoreSpec(**{**vars(self.spec), "views": 1})
-            collate = RoleCollate(
-                {"teacher": self.teacher.make_preprocessor()},
-                train=train,
-                keep_labels=False,
-                num_classes=0,
+            collate = teacher_collate(
+                self.teacher.make_preprocessor(),
+                augmented=train,
+                seed=spec.seed,
                 on_error=cfg.data.on_error,
-                replay_seed=spec.seed,
             )
             builder = StoreBuilder(
                 self.teacher,

@@ -3,17 +3,16 @@ a 1-process run with the same global batch ends."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
 
 import pytest
 from test_ddp_run import COMMON, ROOT, train_py
+from tiny import assert_runs_match
 
 from mmkd.config import compose, validate
 from mmkd.errors import ConfigError
-from mmkd.export import load_exported
 
 
 def free_port() -> int:
@@ -57,15 +56,7 @@ def test_two_nodes_match_one_process(tmp_path):
     for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]  # the second node joined as rank 1
-    m1 = json.loads((one / "metrics.json").read_text())
-    m2 = json.loads((two / "metrics.json").read_text())
-    for key in ("student/accuracy", "teacher/accuracy", "student/teacher_agreement"):
-        assert m1[key] == pytest.approx(m2[key], abs=1e-4), key
-    w1 = load_exported(one / "student").model.state_dict()
-    w2 = load_exported(two / "student").model.state_dict()
-    worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
-    print(f"2 nodes vs 1 process: largest weight difference {worst:.2e}")
-    assert worst < 1e-4, worst
+    assert_runs_match(one, two, 1e-4, "2 nodes vs 1 process")
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,9 @@ def test_manifest_round_trip_keeps_samples_and_labels(tmp_path, media, data_cfg)
     assert not list((tmp_path / "shards").glob(".*tmp"))
 
     both = {"train": str(manifest), "val": str(manifest)}
-    original = build_splits(data_cfg("manifest", manifest=both), seed=0)
+    original = build_splits(data_cfg("manifest", manifest=both))
     shards = {"train": str(tmp_path / "shards"), "val": str(tmp_path / "shards")}
-    packed = build_splits(data_cfg("webdataset", webdataset=shards), seed=0)
+    packed = build_splits(data_cfg("webdataset", webdataset=shards))
     assert packed.class_names == original.class_names == ["a", "b"]
     assert packed.modalities == original.modalities == ("image", "audio", "text")
     before = samples_of(original.val)
@@ -59,7 +59,7 @@ def test_class_folder_round_trip_and_index(tmp_path, media, data_cfg):
     assert index["class_names"] == ["ant", "zebra"]
     assert [v["samples"] for v in index["shards"].values()] == [5, 2]
     shards = {"train": str(tmp_path / "out"), "val": str(tmp_path / "out")}
-    splits = build_splits(data_cfg("webdataset", webdataset=shards), seed=0)
+    splits = build_splits(data_cfg("webdataset", webdataset=shards))
     labels = {s["id"]: s["label"] for s in splits.test}
     ants = {"ant_0": 0, "ant_1": 0, "ant_2": 0, "ant_pic_bmp": 0}
     assert labels == {**ants, "zebra_0": 1, "zebra_1": 1, "zebra_2": 1}

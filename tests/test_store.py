@@ -20,7 +20,7 @@ from mmkd.errors import CheckpointError, ConfigError
 from mmkd.export import load_exported
 from mmkd.io import save_state
 from mmkd.replay import ViewPolicy
-from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, open_or_build
+from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, open_or_build, teacher_collate
 from mmkd.train import main
 
 DATA = {"data": "demo", "size": 24}
@@ -33,13 +33,7 @@ def teacher(**overrides):
 
 def builder(model, dataset, spec=None, data=DATA, augmented=False):
     spec = spec or StoreSpec()
-    collate = RoleCollate(
-        {"teacher": model.make_preprocessor()},
-        train=augmented,
-        keep_labels=False,
-        num_classes=0,
-        replay_seed=spec.seed,
-    )
+    collate = teacher_collate(model.make_preprocessor(), augmented=augmented, seed=spec.seed)
     return StoreBuilder(
         model,
         dataset,
@@ -123,13 +117,7 @@ def test_student_input_replays_the_view_the_teacher_was_fed(dataset):
     train_collate = RoleCollate(
         {"student": student_pre}, train=True, keep_labels=False, num_classes=0, replay_seed=5
     )
-    build_collate = RoleCollate(
-        {"teacher": model.make_preprocessor()},
-        train=True,
-        keep_labels=False,
-        num_classes=0,
-        replay_seed=5,
-    )
+    build_collate = teacher_collate(model.make_preprocessor(), augmented=True, seed=5)
     sampler = torch.utils.data.RandomSampler(dataset)
     viewed = ViewedDataset(dataset)
     for epoch in (0, 4):

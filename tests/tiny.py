@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -94,3 +95,24 @@ def small_run(train: int = 48, test: int = 16, epochs: int = 1) -> list[str]:
         "trainer.enable_progress_bar=false",
         "run.latency_seconds=0.02",
     ]
+
+
+def assert_runs_match(one: Path, two: Path, metric_tol: float, what: str) -> float:
+    """Two finished runs report the same metrics (to `metric_tol`) and export the same weights
+    (to 1e-4); returns the largest weight difference (printed, for the notes)."""
+    import json
+
+    import pytest
+
+    from mmkd.export import load_exported
+
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    for key in ("student/accuracy", "teacher/accuracy", "student/teacher_agreement"):
+        assert m1[key] == pytest.approx(m2[key], abs=metric_tol), key
+    w1 = load_exported(one / "student").model.state_dict()
+    w2 = load_exported(two / "student").model.state_dict()
+    worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
+    print(f"{what}: largest weight difference {worst:.2e}")
+    assert worst < 1e-4, worst
+    return worst

@@ -244,7 +244,8 @@ class DataCfg:
     train_labels: bool = True  # false: labels of the training split never reach the loss
     val_fraction: float = 0.1  # held out from train when a dataset has no validation split
     max_train_samples: Optional[int] = None  # deterministic random subset, for quick runs
-    subset_seed: Optional[int] = None  # which subset max_train_samples keeps; None: run.seed
+    # which subsets max_train_samples / max_eval_samples keep; None: run.seed
+    subset_seed: Optional[int] = None
     max_eval_samples: Optional[int] = None
     # text prompt per class: for the text side of paired data and zero-shot evaluation
     prompt_template: str = "{name}"

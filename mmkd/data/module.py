@@ -177,8 +177,8 @@ class DistillDataModule(pl.LightningDataModule):
                 split.seed = seed
         subset_seed = seed if cfg.subset_seed is None else cfg.subset_seed
         self.train_set = limit(splits.train, cfg.max_train_samples, subset_seed)
-        self.val_set = limit(splits.val, cfg.max_eval_samples, seed)
-        self.test_set = limit(splits.test, cfg.max_eval_samples, seed)
+        self.val_set = limit(splits.val, cfg.max_eval_samples, subset_seed)
+        self.test_set = limit(splits.test, cfg.max_eval_samples, subset_seed)
 
     @property
     def eval_batch_size(self) -> int:
