@@ -128,10 +128,11 @@ def finalize(
     ids: list[str],
     meta: dict[str, Any],
     specs: dict[str, tuple[tuple[int, ...], Any]],
+    hashes: np.ndarray | None = None,
 ) -> None:
     """Write the id index and meta.json into a filled `partial` folder and rename it to
-    `folder` (replacing a damaged entry there)."""
-    hashes = check_unique(ids)
+    `folder` (replacing a damaged entry there). `hashes`: the ids' checked hashes, if known."""
+    hashes = check_unique(ids) if hashes is None else hashes
     order = np.argsort(hashes, kind="stable")
     np.save(partial / "id_hash.npy", hashes[order])
     np.save(partial / "row.npy", order.astype(np.int64))
@@ -347,7 +348,6 @@ class StoreBuilder:
         self.dataset = dataset
         self.collate = collate
         self.spec = spec
-        self.augmented = augmented
         self.key, self.identity = store_key(teacher, data_identity, spec, augmented)
         self.batch_size = batch_size
         self.device = device
@@ -397,7 +397,7 @@ class StoreBuilder:
                 f"distill.store.max_gb: the teacher store would take {total_bytes / 1e9:.2f} GB "
                 f"(> {self.spec.max_gb} GB); raise distill.store.max_gb or store fewer views"
             )
-        check_unique(ids)
+        hashes = check_unique(ids)  # before the long part: a repeated id fails at once
         partial = folder.with_name(folder.name + ".partial")
         layout = {
             "identity": self.identity,
@@ -436,7 +436,7 @@ class StoreBuilder:
             if missing:
                 raise CheckpointError(f"teacher store {partial}: chunks {missing} were not built")
             meta = {**layout, "dtype": self.spec.dtype, "num_classes": shapes["classes"]}
-            finalize(partial, folder, ids, meta, specs)
+            finalize(partial, folder, ids, meta, specs, hashes)
         seconds = time.perf_counter() - started
         log.info("teacher store%s: built %s in %.1f s", self.label, folder, seconds)
         return seconds
