@@ -11,6 +11,7 @@ as `soundfile.read` returns it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import load_state_file
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
-from .timm_backbone import create_backbone
+from .timm_backbone import create_backbone, timm_feature_names, timm_forward_layers
 
 
 def clip_samples(cfg: DictConfig) -> int:
@@ -193,7 +194,10 @@ class LogMelAdapter(Adapter):
 
 
 class ConvNet(nn.Sequential):
-    """Conv(3x3)-BN-ReLU-MaxPool blocks, then global average pooling."""
+    """Conv(3x3)-BN-ReLU-MaxPool blocks, then global average pooling. The output of block i
+    (1-based) is the feature `block{i}`."""
+
+    LAYERS_PER_BLOCK = 4
 
     def __init__(self, channels: list[int], dropout: float) -> None:
         layers: list[nn.Module] = []
@@ -208,6 +212,17 @@ class ConvNet(nn.Sequential):
             in_ch = out_ch
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
         super().__init__(*layers)
+        self.num_blocks = len(channels)
+
+    def forward_blocks(self, x: Tensor, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The pooled output and the named block outputs (B, C, mels, frames)."""
+        found = {}
+        for index, layer in enumerate(self):
+            x = layer(x)
+            name = f"block{(index + 1) // self.LAYERS_PER_BLOCK}"
+            if (index + 1) % self.LAYERS_PER_BLOCK == 0 and name in names:
+                found[name] = x
+        return x, found
 
 
 @ADAPTERS.register("audio_cnn")
@@ -218,6 +233,12 @@ class AudioCnnAdapter(LogMelAdapter):
         channels = list(self.spec.cnn.channels)
         return ConvNet(channels, self.spec.cnn.dropout), channels[-1]
 
+    def feature_names(self) -> list[str]:
+        return [f"block{i + 1}" for i in range(self.encoder.num_blocks)]
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.encoder.forward_blocks(batch["logmel"], names)
+
 
 @ADAPTERS.register("audio_timm")
 class AudioTimmAdapter(LogMelAdapter):
@@ -225,6 +246,12 @@ class AudioTimmAdapter(LogMelAdapter):
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         return create_backbone(self.spec.timm, in_chans=1, key=self.key)
+
+    def feature_names(self) -> list[str]:
+        return timm_feature_names(self.encoder)
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        return timm_forward_layers(self.encoder, batch["logmel"], names)
 
 
 # torchaudio.models.wav2vec2_base / hubert_base architectures; `wav2vec2.overrides` edit them
@@ -285,11 +312,37 @@ class WaveformAdapter(Adapter):
     def make_preprocessor(self) -> AudioPreprocessor:
         return AudioPreprocessor(self.spec.audio, "waveform")
 
-    def encode(self, batch: Batch) -> Tensor:
+    @staticmethod
+    def normalised(batch: Batch) -> Tensor:
         wave = batch["waveform"]
-        wave = (wave - wave.mean(dim=1, keepdim=True)) / (wave.std(dim=1, keepdim=True) + 1e-5)
-        frames, _ = self.encoder(wave)  # (B, frames, encoder_embed_dim)
+        return (wave - wave.mean(dim=1, keepdim=True)) / (wave.std(dim=1, keepdim=True) + 1e-5)
+
+    def encode(self, batch: Batch) -> Tensor:
+        frames, _ = self.encoder(self.normalised(batch))  # (B, frames, encoder_embed_dim)
         return frames.mean(dim=1)
+
+    def feature_names(self) -> list[str]:
+        """torchaudio's per-layer outputs (`extract_features`): layers.0 is the first
+        transformer layer."""
+        return [f"layers.{i}" for i in range(len(self.encoder.encoder.transformer.layers))]
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Named layer outputs as (B, D, frames), and the pooled output. torchaudio's
+        extract_features skips layer drop and the final layer norm of pre-norm models
+        (encoder_layer_norm_first=true), so in training, or for those, the pooled output comes
+        from a second, ordinary forward pass."""
+        wave = self.normalised(batch)
+        wanted = [int(name.split(".")[1]) for name in names]
+        # torchaudio's Transformer.layer_norm_first is True for post-norm models (norm first,
+        # before the layers): then the last layer's output is the encoder's output
+        exact = not self.training and self.encoder.encoder.transformer.layer_norm_first
+        outputs, _ = self.encoder.extract_features(wave)
+        layers = {
+            name: outputs[i].transpose(1, 2) for name, i in zip(names, wanted, strict=True)
+        }
+        if exact and self.encoder.aux is None:
+            return outputs[-1].mean(dim=1), layers
+        return self.encode(batch), layers
 
     def example_batch(self, batch_size: int = 1) -> Batch:
         return {"waveform": torch.zeros(batch_size, clip_samples(self.spec.audio))}

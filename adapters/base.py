@@ -11,14 +11,17 @@ An adapter is preprocessing + encoder + head. The preprocessing lives in a separ
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
@@ -33,6 +36,8 @@ class AdapterOutput:
     embedding: Tensor  # (B, D), L2-normalised: the shared space
     features: Tensor  # (B, F), pooled encoder output before the head
     logits: Tensor | None  # (B, C) when the head has a classifier
+    # intermediate features asked for by name: (B, C, *spatial); spatial is () for pooled ones
+    layers: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Preprocessor(ABC):
@@ -130,6 +135,41 @@ class Adapter(nn.Module, ABC):
     def example_batch(self, batch_size: int = 1) -> Batch:
         """A batch of the right shape and dtype (for latency timing and export)."""
 
+    # ---- intermediate features, by the names the underlying library gives them
+    def feature_names(self) -> list[str]:
+        """The intermediate features this model can return (none unless a subclass says)."""
+        return []
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pooled features and the named intermediate features (B, C, *spatial)."""
+        raise NotImplementedError(f"{type(self).__name__} returns no intermediate features")
+
+    def check_features(self, names: Sequence[str], key: str) -> None:
+        """ConfigError naming the valid features when one of `names` is not one of them."""
+        valid = self.feature_names()
+        for name in names:
+            if name not in valid:
+                choices = ", ".join(valid) if valid else "none (this model exposes no layers)"
+                raise ConfigError(
+                    f"{key}: {self.spec.adapter} model has no feature {name!r}; valid: {choices}"
+                )
+
+    @torch.no_grad()
+    def feature_shapes(self, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape (C, *spatial) of each named feature, from a forward pass of
+        `example_batch` in eval mode (the model's mode is restored)."""
+        if not names:
+            return {}
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            batch = {k: v.to(device) for k, v in self.example_batch(2).items()}
+            _, layers = self.encode_layers(batch, names)
+        finally:
+            self.train(was_training)
+        return {name: tuple(layers[name].shape[1:]) for name in names}
+
     # ---- shared behaviour
     @property
     def embed_dim(self) -> int:
@@ -139,10 +179,17 @@ class Adapter(nn.Module, ABC):
     def num_classes(self) -> int | None:
         return self.head.classifier.out_features if self.head.classifier is not None else None
 
-    def forward(self, batch: Batch) -> AdapterOutput:
-        features = self.encode(batch)
+    def forward(self, batch: Batch, layers: Sequence[str] = ()) -> AdapterOutput:
+        """Embedding, logits and pooled features; with `layers`, also those intermediate
+        features (names from `feature_names`, checked at start-up)."""
+        names = list(dict.fromkeys([*(self.spec.get("features") or []), *layers]))
+        found: dict[str, Tensor] = {}
+        if names:
+            features, found = self.encode_layers(batch, names)
+        else:
+            features = self.encode(batch)
         embedding, logits = self.head(features)
-        return AdapterOutput(embedding=embedding, features=features, logits=logits)
+        return AdapterOutput(embedding=embedding, features=features, logits=logits, layers=found)
 
     def freeze_encoder(self) -> None:
         """Lock the encoder (no grad, eval mode kept); only the head trains."""

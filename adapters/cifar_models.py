@@ -22,6 +22,7 @@ from typing import Any
 
 import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -136,6 +137,32 @@ class CifarResNet(nn.Module):
         if isinstance(self.final_norm, nn.BatchNorm2d):
             x = self.act(self.final_norm(x))
         return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's intermediate-feature API: the outputs of the stages in `indices` (as
+        `feature_info` numbers them), and the final features `forward_features` returns."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be NCHW, got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.act(self.bn_stem(self.conv_stem(x)))
+        stages = list(self.stages)[: max_index + 1] if stop_early else list(self.stages)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if isinstance(self.final_norm, nn.BatchNorm2d):
+            x = self.act(self.final_norm(x))
+        return x, intermediates
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from mmkd.errors import ConfigError, DataError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
-from .timm_backbone import create_backbone
+from .timm_backbone import create_backbone, timm_feature_names, timm_forward_layers
 
 PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -160,6 +160,12 @@ class ImageAdapter(Adapter):
 
     def encode(self, batch: Batch) -> Tensor:
         return self.encoder(batch["pixels"])
+
+    def feature_names(self) -> list[str]:
+        return timm_feature_names(self.encoder)
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        return timm_forward_layers(self.encoder, batch["pixels"], names)
 
     def example_batch(self, batch_size: int = 1) -> Batch:
         size = self.spec.image.img_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,25 @@ class TextAdapter(Adapter):
         cfg = self.spec.text
         return TextPreprocessor(self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model))
 
-    def encode(self, batch: Batch) -> Tensor:
-        hidden = self.encoder(**batch).last_hidden_state
+    def pool(self, hidden: Tensor, batch: Batch) -> Tensor:
         if self.spec.text.pooling == "cls":
             return hidden[:, 0]
         return masked_mean(hidden, batch["attention_mask"])
+
+    def encode(self, batch: Batch) -> Tensor:
+        return self.pool(self.encoder(**batch).last_hidden_state, batch)
+
+    def feature_names(self) -> list[str]:
+        """transformers' `hidden_states`: 0 is the embedding output, i the output of layer i."""
+        return [f"hidden_states.{i}" for i in range(self.encoder.config.num_hidden_layers + 1)]
+
+    def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Hidden states pooled like the output (mean over real tokens, or CLS): (B, H) each,
+        so features of texts of any length compare (and fit in the teacher store)."""
+        out = self.encoder(**batch, output_hidden_states=True)
+        hidden = out.hidden_states
+        layers = {name: self.pool(hidden[int(name.split(".")[1])], batch) for name in names}
+        return self.pool(out.last_hidden_state, batch), layers
 
     def example_batch(self, batch_size: int = 1) -> Batch:
         length = min(16, self.spec.text.max_length)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 
 import timm
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from mmkd.errors import ConfigError
 
@@ -36,3 +37,24 @@ def create_backbone(cfg: DictConfig, *, in_chans: int, key: str) -> tuple[nn.Mod
     # with num_classes=0 a timm model returns pooled pre-logits features: `head_hidden_size`
     # wide where a model has a hidden head layer (MobileNetV3's conv_head), else num_features
     return model, getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def timm_feature_names(model: nn.Module) -> list[str]:
+    """The model's intermediate features by timm's own names (`feature_info` modules, e.g.
+    layer1..layer4 of a ResNet), in forward order; none if it has no `forward_intermediates`."""
+    if not hasattr(model, "forward_intermediates"):
+        return []
+    return [str(info["module"]) for info in getattr(model, "feature_info", [])]
+
+
+def timm_forward_layers(
+    model: nn.Module, x: Tensor, names: Sequence[str]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pooled features (as `model(x)` returns them with num_classes=0) and the named
+    intermediate features, through timm's `forward_intermediates` (NCHW)."""
+    order = timm_feature_names(model)
+    indices = sorted({order.index(name) for name in names})
+    final, intermediates = model.forward_intermediates(x, indices=indices)
+    by_index = dict(zip(indices, intermediates, strict=True))
+    pooled = model.forward_head(final)  # classifier is Identity (num_classes=0)
+    return pooled, {name: by_index[order.index(name)] for name in names}
