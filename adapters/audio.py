@@ -337,9 +337,7 @@ class WaveformAdapter(Adapter):
         # before the layers): then the last layer's output is the encoder's output
         exact = not self.training and self.encoder.encoder.transformer.layer_norm_first
         outputs, _ = self.encoder.extract_features(wave)
-        layers = {
-            name: outputs[i].transpose(1, 2) for name, i in zip(names, wanted, strict=True)
-        }
+        layers = {name: outputs[i].transpose(1, 2) for name, i in zip(names, wanted, strict=True)}
         if exact and self.encoder.aux is None:
             return outputs[-1].mean(dim=1), layers
         return self.encode(batch), layers

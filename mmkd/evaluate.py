@@ -33,8 +33,10 @@ from mmkd.errors import CheckpointError, ConfigError, MMKDError
 from mmkd.export import load_exported
 from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
+from mmkd.models import teacher_keys
 from mmkd.plots import plot_evaluation
 from mmkd.plugins import import_plugins
+from mmkd.teacher_source import teacher_role
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +89,11 @@ def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter],
     for folder in sorted(run_dir.glob("student_*")):
         students[folder.name.removeprefix("student_")] = load_exported(folder)
     models: dict[str, Adapter] = {role: e.model for role, e in students.items()}
-    if cfg.teacher is not None:
+    for name, key in teacher_keys(cfg).items():
         try:
-            models["teacher"] = build_adapter(cfg.teacher, key="teacher").eval()
+            models[teacher_role(name)] = build_adapter(OmegaConf.select(cfg, key), key=key).eval()
         except (MMKDError, OSError) as err:
-            log.warning("teacher not evaluated (%s)", err)
+            log.warning("%s not evaluated (%s)", key, err)
     return models, students["student"].class_embeddings
 
 

@@ -21,7 +21,7 @@ from mmkd.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-RESERVED_ROLES = ("teacher", "student")
+RESERVED_ROLES = ("teacher", "student")  # and teacher_NAME: the inputs of named teachers
 
 
 def student_roles(cfg: DictConfig) -> dict[str, str]:
@@ -29,7 +29,11 @@ def student_roles(cfg: DictConfig) -> dict[str, str]:
     "extra_students.image"}."""
     roles = {"student": "student"}
     for name in cfg.extra_students:
-        if name in RESERVED_ROLES or not str(name).isidentifier():
+        if (
+            name in RESERVED_ROLES
+            or str(name).startswith("teacher_")
+            or not str(name).isidentifier()
+        ):
             raise ConfigError(
                 f"extra_students.{name}: name must be an identifier other than "
                 f"{' or '.join(RESERVED_ROLES)}"
@@ -90,52 +94,40 @@ def check_modalities(cfg: DictConfig, available: tuple[str, ...]) -> None:
             )
 
 
-def check_kd_heads(cfg: DictConfig) -> None:
-    """losses.kd compares class distributions: every model needs a classifier."""
-    if cfg.losses.kd.weight <= 0:
-        return
-    for key, spec in adapter_specs(cfg):
-        if not spec.head.classifier:
-            raise ConfigError(
-                f"{key}.head.classifier: losses.kd needs class logits from every "
-                "model (set it true, or losses.kd.weight=0)"
-            )
-
-
-def check_kd_classes(
-    cfg: DictConfig, teacher: Adapter | None, students: dict[str, Adapter], keys: dict[str, str]
-) -> None:
-    """losses.kd needs the same classes on the teacher and every student."""
-    if cfg.losses.kd.weight <= 0 or teacher is None:
-        return
-    for role, student in students.items():
-        if student.num_classes != teacher.num_classes:
-            raise ConfigError(
-                f"{keys[role]}.head.num_classes: losses.kd compares class distributions, but "
-                f"the student has {student.num_classes} classes and the teacher "
-                f"{teacher.num_classes}"
-            )
+def teacher_keys(cfg: DictConfig) -> dict[str, str]:
+    """teacher name -> config key: {"teacher": "teacher"} for the one-teacher shorthand, else
+    {"NAME": "teachers.NAME"}."""
+    if cfg.teacher is not None:
+        return {"teacher": "teacher"}
+    return {str(name): f"teachers.{name}" for name in cfg.teachers}
 
 
 def build_models(
     cfg: DictConfig, splits: DatasetSplits
-) -> tuple[Adapter | None, dict[str, Adapter]]:
-    """Resolve specs in place; build (teacher, {role: student}) with the teacher frozen."""
+) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
+    """Resolve specs in place; build ({name: teacher}, {role: student}), teachers frozen.
+
+    The loss terms check what they need of the built models (classifiers, classes, layer
+    names) when the module builds them, still before any training."""
     adopt_exported_specs(cfg)  # first: an exported model brings its own head and modality
     check_modalities(cfg, splits.modalities)
-    check_kd_heads(cfg)
     resolve_classes(cfg, splits.num_classes)
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = build_adapter(cfg.teacher, key="teacher")
+    teachers: dict[str, Adapter] = {}
+    for name, key in teacher_keys(cfg).items():
+        teacher = build_adapter(OmegaConf.select(cfg, key), key=key)
         teacher.requires_grad_(False)
         teacher.eval()
+        teachers[name] = teacher
+    first = next(iter(teachers.values()), None)
     keys = student_roles(cfg)
     students: dict[str, Adapter] = {}
     for role, key in keys.items():
         spec = OmegaConf.select(cfg, key)
-        if spec.head.embed_dim is None and teacher is not None:
-            spec.head.embed_dim = teacher.embed_dim
+        if spec.head.embed_dim is None and first is not None:
+            spec.head.embed_dim = first.embed_dim  # the (first) teacher's space
         students[role] = build_adapter(spec, key=key)
-    check_kd_classes(cfg, teacher, students, keys)
-    return teacher, students
+    models = {key: teachers[name] for name, key in teacher_keys(cfg).items()}
+    models.update({key: students[role] for role, key in keys.items()})
+    for key, model in models.items():  # `features` asked for in a spec: names checked now
+        model.check_features(list(model.spec.features), f"{key}.features")
+    return teachers, students

@@ -1,8 +1,12 @@
-"""The LightningModule: frozen teacher, trainable student(s), weighted loss terms.
+"""The LightningModule: frozen teacher(s), trainable student(s), weighted loss terms.
 
-The teacher is deliberately *not* a registered submodule: it never reaches the optimizer,
-DDP/FSDP wrapping or checkpoints, and `train()` cannot switch it out of eval mode. It still
-follows the module across devices and dtypes (see `_apply`).
+Teachers are deliberately *not* registered submodules: they never reach the optimizer,
+DDP/FSDP wrapping or checkpoints, and `train()` cannot switch them out of eval mode. They still
+follow the module across devices and dtypes (see `_apply`).
+
+Each student has one `DistillLoss` per teacher (that teacher's terms, with their own learned
+parts) and one for the label terms; metrics are named `train/[ROLE/][TEACHER/]TERM` (the
+one-teacher shorthand and label terms carry no teacher name).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from transformers import (
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
 from mmkd.checkpoint import rng_state, set_rng_state
+from mmkd.config.validate import loss_sections
 from mmkd.errors import MMKDError
-from mmkd.losses import DistillLoss, Gather, distributed_gather, local_gather
+from mmkd.losses import DistillLoss, FeatureTarget, Gather, distributed_gather, local_gather
 from mmkd.store import TeacherTargets
-from mmkd.teacher_source import make_teacher_source
+from mmkd.teacher_source import TeacherSource, make_teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +41,16 @@ class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
 
 
-def freeze_unused_head(student: Adapter, loss: DistillLoss, role: str) -> None:
+LABELS = "labels"  # the loss group of the terms that use no teacher (with several teachers)
+SHORTHAND = "teacher"  # the name of the one teacher of `teacher=...`
+
+
+def freeze_unused_head(student: Adapter, losses: list[DistillLoss], role: str) -> None:
     """Freeze the head parts no loss term trains (they would stay random, and DDP refuses
     parameters that receive no gradient)."""
-    uses_logits = "kd" in loss.weights or "ce" in loss.weights
-    uses_embedding = bool({"embed", "contrastive", "relational"} & set(loss.weights))
+    outputs = set().union(*(loss.student_outputs() for loss in losses))
+    uses_logits = "logits" in outputs
+    uses_embedding = "embedding" in outputs
     head = student.head
     if head.classifier is not None and not uses_logits:
         log.info("%s: no loss term uses class logits; its classifier is frozen", role)
@@ -59,7 +69,7 @@ class DistillModule(pl.LightningModule):
     def __init__(
         self,
         cfg: DictConfig,
-        teacher: Adapter | None,
+        teachers: dict[str, Adapter] | Adapter | None,
         students: dict[str, Adapter],
         class_names: list[str] | None = None,
         class_prompts: list[str] | None = None,
@@ -67,18 +77,17 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.students = nn.ModuleDict(students)
-        object.__setattr__(self, "teacher", teacher)  # unregistered on purpose (module docstring)
-        if teacher is not None:
+        if teachers is None or isinstance(teachers, Adapter):  # the one-teacher shorthand
+            teachers = {SHORTHAND: teachers} if teachers is not None else {}
+        # unregistered on purpose (module docstring)
+        object.__setattr__(self, "teachers", dict(teachers))
+        for teacher in self.teachers.values():
             teacher.requires_grad_(False).eval()
-        teacher_dim = teacher.embed_dim if teacher is not None else None
         self.losses = nn.ModuleDict(
-            {
-                role: DistillLoss(cfg.losses, student.embed_dim, teacher_dim)
-                for role, student in students.items()
-            }
+            {role: self.build_losses(cfg, role, student) for role, student in students.items()}
         )
         for role, student in students.items():
-            freeze_unused_head(student, self.losses[role], role)
+            freeze_unused_head(student, list(self.losses[role].values()), role)
         self.class_names = list(class_names or [])
         self.class_prompts = list(class_prompts or [])
         # zero-shot classifier: the teacher's embeddings of the class prompts (text teachers)
@@ -92,8 +101,55 @@ class DistillModule(pl.LightningModule):
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
         self._pending_rng: dict[str, Any] | None = None  # RNG state from a resumed checkpoint
         self._compiled = False
-        # where the teacher's outputs come from: a live forward pass or the teacher store
-        self.teacher_source = make_teacher_source(cfg, teacher)
+        # where each teacher's outputs come from: a live forward pass or the teacher store,
+        # with the features its terms read for every student
+        self.teacher_sources: dict[str, TeacherSource] = {
+            name: make_teacher_source(cfg, teacher, name, self.teacher_features(name))
+            for name, teacher in self.teachers.items()
+        }
+
+    def build_losses(self, cfg: DictConfig, role: str, student: Adapter) -> nn.ModuleDict:
+        """One DistillLoss per teacher (its terms) and one for the label terms."""
+        student_key = "student" if role == "student" else f"extra_students.{role}"
+        groups = {}
+        for key, section, scope, name in loss_sections(cfg, SHORTHAND in self.teachers):
+            group = name or LABELS
+            teacher = self.teachers.get(name) if name else None
+            loss = DistillLoss(
+                section,
+                student.embed_dim,
+                teacher.embed_dim if teacher is not None else None,
+                scope,
+                student=student,
+                teacher=teacher,
+                key=key,
+                student_key=student_key,
+                teacher_key="teacher" if name == SHORTHAND else f"teachers.{name}",
+            )
+            if loss.terms:
+                groups[group] = loss
+        return nn.ModuleDict(groups)
+
+    def teacher_features(self, name: str) -> tuple[FeatureTarget, ...]:
+        """The layers of teacher `name` that its terms read, for every student."""
+        wanted = [
+            target
+            for groups in self.losses.values()
+            if name in groups
+            for target in groups[name].teacher_features()
+        ]
+        return tuple(dict.fromkeys(wanted))
+
+    @property
+    def teacher(self) -> Adapter | None:
+        """The teacher, when there is exactly one."""
+        return next(iter(self.teachers.values())) if len(self.teachers) == 1 else None
+
+    @property
+    def teacher_source(self) -> TeacherSource | None:
+        """The teacher source, when there is exactly one teacher."""
+        sources = list(self.teacher_sources.values())
+        return sources[0] if len(sources) == 1 else None
 
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
@@ -104,55 +160,92 @@ class DistillModule(pl.LightningModule):
             self._compiled = True
 
     # ------------------------------------------------------------------ teacher handling
+    def teacher_used(self, name: str) -> bool:
+        """Whether any loss term reads teacher `name`."""
+        return any(name in groups and groups[name].uses_teacher for groups in self.losses.values())
+
     @property
     def uses_teacher(self) -> bool:
-        return self.teacher is not None and any(loss.uses_teacher for loss in self.losses.values())
+        return any(self.teacher_used(name) for name in self.teachers)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillModule:
         super()._apply(fn, *args, **kwargs)
-        if self.teacher is not None:
-            self.teacher._apply(fn, *args, **kwargs)
+        for teacher in self.teachers.values():
+            teacher._apply(fn, *args, **kwargs)
         return self
 
     def train(self, mode: bool = True) -> DistillModule:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for teacher in self.teachers.values():
+            teacher.eval()
         return self
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict[str, Any], split: str) -> TeacherTargets | None:
-        """The teacher's outputs for this batch (None when no loss term uses the teacher)."""
-        if not self.uses_teacher:
-            return None
-        return self.teacher_source.targets(batch, split)
+    def teacher_targets(self, batch: dict[str, Any], split: str) -> dict[str, TeacherTargets]:
+        """Each used teacher's outputs for this batch, by teacher name."""
+        return {
+            name: source.targets(batch, split)
+            for name, source in self.teacher_sources.items()
+            if self.teacher_used(name)
+        }
 
     @torch.no_grad()
     def compute_class_embeddings(self) -> None:
         """Embed the class prompts with a text teacher, for zero-shot classification."""
-        if self.teacher is None or self.teacher.modality != "text" or not self.class_prompts:
+        text = [t for t in self.teachers.values() if t.modality == "text"]
+        if not text or not self.class_prompts:
             return
-        pre = self.teacher.make_preprocessor()
+        pre = text[0].make_preprocessor()
         batch = pre.collate([pre(p, train=False) for p in self.class_prompts])
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        self.class_embeddings = self.teacher(batch).embedding.float()
+        self.class_embeddings = text[0](batch).embedding.float()
 
     def on_fit_start(self) -> None:
         self.compute_class_embeddings()
-        if self.uses_teacher:
-            self.teacher_source.setup(self)
+        for name, source in self.teacher_sources.items():
+            if self.teacher_used(name):
+                source.setup(self)
 
     # ------------------------------------------------------------------ steps
     def student_losses(
-        self, batch: dict[str, Any], teacher: TeacherTargets | None, gather: Gather
+        self, batch: dict[str, Any], teachers: dict[str, TeacherTargets], gather: Gather
     ) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
-        """(role, output, loss terms) for every student on this batch."""
+        """(role, output, {metric suffix: term}) for every student on this batch."""
         labels = batch.get("labels")
-        t_emb, t_logits = (teacher.embedding, teacher.logits) if teacher else (None, None)
         for role, student in self.students.items():
-            out = student(batch["inputs"][role])
-            terms = self.losses[role](out.embedding, out.logits, t_emb, t_logits, labels, gather)
+            groups = self.losses[role]
+            layers = list(
+                dict.fromkeys(n for loss in groups.values() for n in loss.student_layers())
+            )
+            out = student(batch["inputs"][role], layers=layers)
+            terms: dict[str, Tensor] = {}
+            for group, loss in groups.items():
+                teacher = teachers.get(group)
+                values = loss(
+                    out.embedding,
+                    out.logits,
+                    teacher.embedding if teacher else None,
+                    teacher.logits if teacher else None,
+                    labels,
+                    gather,
+                    student_layers=out.layers,
+                    teacher_features=teacher.features if teacher else None,
+                )
+                for term, value in values.items():
+                    terms[self._term_name(group, term)] = value
             yield role, out, terms
+
+    @staticmethod
+    def _term_name(group: str, term: str) -> str:
+        return term if group in (SHORTHAND, LABELS) else f"{group}/{term}"
+
+    def role_total(self, role: str, terms: dict[str, Tensor]) -> Tensor:
+        """The weighted sum of a student's terms (named as `student_losses` names them)."""
+        total = 0.0
+        for group, loss in self.losses[role].items():
+            for term, weight in loss.weights.items():
+                total = total + weight * terms[self._term_name(group, term)]
+        return total  # type: ignore[return-value]
 
     @staticmethod
     def _name(stage: str, role: str, term: str) -> str:
@@ -161,14 +254,14 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.log_skipped(batch, "train")
         size = len(batch["ids"])
-        teacher = self.teacher_targets(batch, "train") if size else None
+        teacher = self.teacher_targets(batch, "train") if size else {}
         total = None
         named: dict[str, Tensor] = {}
         if size:
             for role, _, terms in self.student_losses(batch, teacher, distributed_gather):
                 for term, value in terms.items():
                     named[self._name("train", role, term)] = value
-                role_total = self.losses[role].total(terms)
+                role_total = self.role_total(role, terms)
                 total = role_total if total is None else total + role_total
         if total is None:  # every sample of the batch was skipped
             total = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
@@ -232,7 +325,7 @@ class DistillModule(pl.LightningModule):
         labels = batch.get("labels")
         total = 0.0
         for role, out, terms in self.student_losses(batch, teacher, local_gather):
-            total = total + self.losses[role].total(terms)
+            total = total + self.role_total(role, terms)
             preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:
                 self.val_accuracy[role].update(preds, labels)

@@ -18,6 +18,9 @@ stored precision. Layout, rows in the split's sample order:
     embedding.npy    (N, K, D)           float32 | float16 | bfloat16 (stored as int16 bits)
     logits.npy       (N, K, C)           or, with logits_topk=k,
     topk_values.npy  (N, K, k) + topk_index.npy (N, K, k) int32
+    feature.I.npy    (N, K, *shape)      the I-th teacher feature the loss terms read (a layer's
+                                         output, or the reduced form a term uses, e.g. an
+                                         attention map), in the same dtype; meta.json names them
 
 It is built in `ROOT/<key>.partial/`, chunk by chunk (`chunk_size` samples x K views); a chunk
 is marked done, with a checksum, only after its rows are flushed, so a killed build resumes at
@@ -34,7 +37,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ from mmkd.data.base import sample_ids
 from mmkd.data.module import RoleCollate, ViewedDataset
 from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import write_json
+from mmkd.losses import FeatureTarget
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class StoreSpec:
     logits_topk: int | None = None
     chunk_size: int = 4096
     max_gb: float | None = None
+    features: tuple[FeatureTarget, ...] = ()  # teacher layers the loss terms read
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,17 @@ class TeacherTargets:
 
     embedding: Tensor
     logits: Tensor | None
+    features: dict[str, Tensor] = field(default_factory=dict)  # by FeatureTarget.name
+
+
+def teacher_outputs(
+    teacher: Adapter, inputs: dict[str, Tensor], features: tuple[FeatureTarget, ...] | list
+) -> TeacherTargets:
+    """The teacher's outputs on a batch of its input, with the features the terms read."""
+    out = teacher(inputs, layers=list(dict.fromkeys(f.layer for f in features)))
+    return TeacherTargets(
+        out.embedding, out.logits, {f.name: f.apply(out.layers[f.layer]) for f in features}
+    )
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -181,6 +197,8 @@ def store_key(
         "dtype": spec.dtype,
         "logits_topk": spec.logits_topk,
     }
+    if spec.features:  # absent when empty: stores of outputs only keep their keys
+        identity["features"] = [f.name for f in spec.features]
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24], identity
 
@@ -303,9 +321,14 @@ class TeacherStore:
         elif "topk_values" in self.arrays:
             index = torch.from_numpy(np.asarray(self.arrays["topk_index"][r, v][inverse]))
             logits = full_logits(pick("topk_values"), index, int(self.meta["num_classes"]))
+        features = {
+            name: pick(f"feature.{i}").to(device, non_blocking=True)
+            for i, name in enumerate(self.meta.get("features", []))
+        }
         return TeacherTargets(
             embedding.to(device, non_blocking=True),
             None if logits is None else logits.to(device, non_blocking=True),
+            features,
         )
 
 
@@ -354,15 +377,20 @@ class StoreBuilder:
         self.num_workers = num_workers
         self.label = label
 
-    def output_shapes(self) -> dict[str, int | None]:
-        example = self.teacher.example_batch(1)
+    def output_shapes(self) -> dict[str, Any]:
+        example = self.teacher.example_batch(2)
+        was_training = self.teacher.training
+        self.teacher.eval()
         with torch.no_grad():
-            out = self.teacher({k: v.to(self.device) for k, v in example.items()})
+            inputs = {k: v.to(self.device) for k, v in example.items()}
+            out = teacher_outputs(self.teacher, inputs, self.spec.features)
+        self.teacher.train(was_training)
         classes = out.logits.shape[-1] if out.logits is not None else None
-        return {"embed": out.embedding.shape[-1], "classes": classes}
+        features = [tuple(out.features[f.name].shape[1:]) for f in self.spec.features]
+        return {"embed": out.embedding.shape[-1], "classes": classes, "features": features}
 
     def array_specs(
-        self, count: int, shapes: dict[str, int | None]
+        self, count: int, shapes: dict[str, Any]
     ) -> dict[str, tuple[tuple[int, ...], Any]]:
         k, dtype = self.spec.views, DTYPES[self.spec.dtype]
         specs: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -377,6 +405,8 @@ class StoreBuilder:
                 specs["topk_index"] = ((count, k, topk), np.int32)
             else:
                 specs["logits"] = ((count, k, classes), dtype)
+        for i, shape in enumerate(shapes["features"]):
+            specs[f"feature.{i}"] = ((count, k, *shape), dtype)
         return specs
 
     def build(self, folder: Path, group: Collective | None = None) -> float:
@@ -393,9 +423,16 @@ class StoreBuilder:
         specs = self.array_specs(len(ids), shapes)
         total_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
         if self.spec.max_gb is not None and total_bytes > self.spec.max_gb * 1e9:
+            features = sum(
+                int(np.prod(s)) * np.dtype(d).itemsize
+                for name, (s, d) in specs.items()
+                if name.startswith("feature.")
+            )
+            detail = f", {features / 1e9:.2f} GB of it teacher features" if features else ""
             raise ConfigError(
-                f"distill.store.max_gb: the teacher store would take {total_bytes / 1e9:.2f} GB "
-                f"(> {self.spec.max_gb} GB); raise distill.store.max_gb or store fewer views"
+                f"distill.store.max_gb: the teacher store would take {total_bytes / 1e9:.2f} GB"
+                f"{detail} (> {self.spec.max_gb} GB); raise distill.store.max_gb, store fewer "
+                "views or a smaller dtype (distill.store.dtype=float16), or pick smaller layers"
             )
         hashes = check_unique(ids)  # before the long part: a repeated id fails at once
         partial = folder.with_name(folder.name + ".partial")
@@ -435,7 +472,12 @@ class StoreBuilder:
             missing = [c for c in chunks if not (partial / "chunks" / f"{c}.done").is_file()]
             if missing:
                 raise CheckpointError(f"teacher store {partial}: chunks {missing} were not built")
-            meta = {**layout, "dtype": self.spec.dtype, "num_classes": shapes["classes"]}
+            meta = {
+                **layout,
+                "dtype": self.spec.dtype,
+                "num_classes": shapes["classes"],
+                "features": [f.name for f in self.spec.features],
+            }
             finalize(partial, folder, ids, meta, specs, hashes)
         seconds = time.perf_counter() - started
         log.info("teacher store%s: built %s in %.1f s", self.label, folder, seconds)
@@ -527,7 +569,7 @@ class StoreBuilder:
         for start, batch in tqdm(pairs, total=len(batches), desc=desc, disable=not progress):
             if batch["ids"]:
                 inputs = {n: t.to(self.device) for n, t in batch["inputs"]["teacher"].items()}
-                out = self.teacher(inputs)
+                out = teacher_outputs(self.teacher, inputs, self.spec.features)
                 rows = np.array([row_of[i] for i in batch["ids"]])
                 views = np.array(batch.get("views", [0] * len(rows)))
                 arrays["present"][rows, views] = 1
@@ -538,6 +580,9 @@ class StoreBuilder:
                     top = out.logits.float().topk(self.spec.logits_topk, dim=-1)
                     arrays["topk_values"][rows, views] = encode(top.values, self.spec.dtype)
                     arrays["topk_index"][rows, views] = top.indices.cpu().numpy()
+                for i, target in enumerate(self.spec.features):
+                    values = encode(out.features[target.name], self.spec.dtype)
+                    arrays[f"feature.{i}"][rows, views] = values
             left[start] -= 1
             if left[start] == 0:
                 chunk = self.chunk_rows(start, count)

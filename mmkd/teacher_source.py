@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 
 from mmkd.adapters import Adapter
 from mmkd.errors import ConfigError
+from mmkd.losses import FeatureTarget
 from mmkd.replay import ViewPolicy
 from mmkd.store import (
     Collective,
@@ -27,9 +28,16 @@ from mmkd.store import (
     TeacherTargets,
     open_or_build,
     teacher_collate,
+    teacher_outputs,
 )
 
 log = logging.getLogger(__name__)
+
+
+def teacher_role(name: str) -> str:
+    """The data role of a teacher's input: "teacher" for the one-teacher shorthand, else
+    "teacher_NAME" (each teacher gets its own preprocessing of the batch)."""
+    return "teacher" if name == "teacher" else f"teacher_{name}"
 
 
 class LiveTeacher:
@@ -37,9 +45,17 @@ class LiveTeacher:
 
     needs_input = True  # the fit loaders preprocess the teacher's input
 
-    def __init__(self, teacher: Adapter, run_seed: int) -> None:
+    def __init__(
+        self,
+        teacher: Adapter,
+        run_seed: int,
+        role: str = "teacher",
+        features: tuple[FeatureTarget, ...] = (),
+    ) -> None:
         self.teacher = teacher
         self.run_seed = run_seed
+        self.role = role
+        self.features = features
 
     def view_policy(self) -> ViewPolicy:
         return ViewPolicy(seed=self.run_seed)  # a new view every epoch
@@ -49,8 +65,7 @@ class LiveTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
-        out = self.teacher(batch["inputs"]["teacher"])
-        return TeacherTargets(out.embedding, out.logits)
+        return teacher_outputs(self.teacher, batch["inputs"][self.role], self.features)
 
 
 class StoredTeacher:
@@ -59,9 +74,16 @@ class StoredTeacher:
 
     needs_input = False
 
-    def __init__(self, teacher: Adapter, cfg: DictConfig) -> None:
+    def __init__(
+        self,
+        teacher: Adapter,
+        cfg: DictConfig,
+        name: str = "teacher",
+        features: tuple[FeatureTarget, ...] = (),
+    ) -> None:
         self.teacher = teacher
         self.cfg = cfg
+        self.name = name
         store = cfg.distill.store
         self.augmented = teacher.make_preprocessor().randomized_in_training
         views = store.views or 1
@@ -79,6 +101,7 @@ class StoredTeacher:
             logits_topk=store.logits_topk,
             chunk_size=store.chunk_size,
             max_gb=store.max_gb,
+            features=features,
         )
         self.stores: dict[str, TeacherStore] = {}
         self.build_seconds: dict[str, float] = {}
@@ -126,7 +149,7 @@ class StoredTeacher:
                 batch_size=datamodule.eval_batch_size,
                 device=module.device,
                 num_workers=cfg.data.num_workers,
-                label=f" ({split})",
+                label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder)
@@ -134,7 +157,10 @@ class StoredTeacher:
                 self.build_seconds[split] = seconds
         if self.build_seconds and trainer.logger is not None:
             total = sum(self.build_seconds.values())
-            trainer.logger.log_metrics({"time/store_build_s": total}, step=0)
+            metric = "time/store_build_s"
+            if self.name != "teacher":
+                metric = f"time/{self.name}/store_build_s"
+            trainer.logger.log_metrics({metric: total}, step=0)
 
     def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
         views = batch.get("views") if split == "train" and self.augmented else None
@@ -159,11 +185,26 @@ def collective(trainer: pl.Trainer) -> Collective:
     )
 
 
-def make_teacher_source(cfg: DictConfig, teacher: Adapter | None) -> TeacherSource | None:
+def make_teacher_source(
+    cfg: DictConfig,
+    teacher: Adapter | None,
+    name: str = "teacher",
+    features: tuple[FeatureTarget, ...] = (),
+) -> TeacherSource | None:
     """The store when distill.store.views (or the older distill.cache) asks for one, else the
-    live teacher; None without a teacher."""
+    live teacher; None without a teacher. `features`: the teacher layers the terms read."""
     if teacher is None:
         return None
     if cfg.distill.store.views is not None or cfg.distill.cache:
-        return StoredTeacher(teacher, cfg)
-    return LiveTeacher(teacher, cfg.run.seed)
+        return StoredTeacher(teacher, cfg, name, features)
+    return LiveTeacher(teacher, cfg.run.seed, teacher_role(name), features)
+
+
+def fit_view_policy(sources: list[TeacherSource], run_seed: int) -> ViewPolicy:
+    """Which augmented view each training sample is read as: the stored views of an augmented
+    teacher store (every store of a run shares distill.store's views and seed), else a fresh
+    view every epoch (a live teacher sees the student's view, whatever it is)."""
+    for source in sources:
+        if isinstance(source, StoredTeacher) and source.augmented:
+            return source.view_policy()
+    return ViewPolicy(seed=run_seed)

@@ -38,8 +38,8 @@ from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
-from mmkd.replay import ViewPolicy
 from mmkd.report import format_summary
+from mmkd.teacher_source import fit_view_policy, teacher_role
 
 log = logging.getLogger("mmkd")
 
@@ -144,16 +144,19 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     absolute_data_paths(cfg.data)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     splits = build_splits(cfg.data)
-    teacher, students = build_models(cfg, splits)
+    teachers, students = build_models(cfg, splits)
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
-    module = DistillModule(cfg, teacher, students, splits.class_names, prompts)
+    module = DistillModule(cfg, teachers, students, splits.class_names, prompts)
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
-    if teacher is not None:
-        test_pre["teacher"] = teacher.make_preprocessor()
-    source = module.teacher_source if module.uses_teacher else None
-    live_teacher = source is not None and source.needs_input  # stored outputs need no input
-    fit_pre = {role: pre for role, pre in test_pre.items() if role != "teacher" or live_teacher}
-    views = source.view_policy() if source is not None else ViewPolicy(seed=cfg.run.seed)
+    for name, teacher in teachers.items():
+        test_pre[teacher_role(name)] = teacher.make_preprocessor()
+    used = [(name, module.teacher_sources[name]) for name in teachers if module.teacher_used(name)]
+    # training reads a teacher's input only when it runs live (stored outputs need none)
+    unread = {teacher_role(name) for name in teachers} - {
+        teacher_role(name) for name, source in used if source.needs_input
+    }
+    fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
+    views = fit_view_policy([source for _, source in used], cfg.run.seed)
     datamodule = DistillDataModule(
         cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
     )
@@ -197,8 +200,7 @@ def finish(
     metrics: dict[str, float] = {}
     if cfg.run.test:
         models = dict(module.students.items())
-        if module.teacher is not None:
-            models["teacher"] = module.teacher
+        models.update({teacher_role(name): t for name, t in module.teachers.items()})
         metrics = evaluate_models(
             models,
             datamodule.test_dataloader(),

@@ -347,7 +347,9 @@ def test_projection_when_dimensions_differ(active: str) -> None:
     if active == "embed":
         expected = embed_loss(mapped, x["teacher_embedding"], "cosine")
     else:
-        expected = contrastive_loss(mapped, x["teacher_embedding"], loss.logit_scale)
+        expected = contrastive_loss(
+            mapped, x["teacher_embedding"], loss.terms["contrastive"].logit_scale
+        )
     assert terms[active].item() == pytest.approx(expected.item(), rel=1e-5)
     loss.total(terms).backward()
     assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
@@ -367,13 +369,15 @@ def test_logit_scale_is_clamped() -> None:
     cfg.contrastive.temperature = 0.001  # 1/T = 1000
     cfg.contrastive.max_logit_scale = 50.0
     loss = DistillLoss(cfg, 8, 8)
-    assert loss.logit_scale.item() == pytest.approx(50.0)
+    assert loss.terms["contrastive"].logit_scale.item() == pytest.approx(50.0)
     x = inputs()
     s, t = np64(x["student_embedding"]), np64(x["teacher_embedding"])
     expected = (nce_rows_ref(s, t, 50.0, 0) + nce_rows_ref(t, s, 50.0, 0)) / 2
     assert loss(**x)["contrastive"].item() == pytest.approx(expected, rel=1e-4)
     cfg.contrastive.temperature = 0.07
-    assert DistillLoss(cfg, 8, 8).logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert DistillLoss(cfg, 8, 8).terms["contrastive"].logit_scale.item() == pytest.approx(
+        1 / 0.07, rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("learn", [True, False])
@@ -381,21 +385,24 @@ def test_contrastive_temperature_learnable_or_frozen(learn: bool) -> None:
     cfg = losses_cfg(contrastive=1.0)
     cfg.contrastive.learn_temperature = learn
     loss = DistillLoss(cfg, 8, 8)
-    assert loss.log_logit_scale.requires_grad is learn
+    scale = loss.terms["contrastive"].log_logit_scale
+    assert scale.requires_grad is learn
     trainable = [p for p in loss.parameters() if p.requires_grad]
-    assert any(p is loss.log_logit_scale for p in trainable) is learn
+    assert any(p is scale for p in trainable) is learn
     loss.total(loss(**inputs(grad=True))).backward()
-    grad = loss.log_logit_scale.grad
+    grad = scale.grad
     if learn:
         assert grad is not None and grad.abs().item() > 0
     else:
         assert grad is None
 
 
-def test_temperature_frozen_without_contrastive_term() -> None:
+def test_no_temperature_parameter_without_contrastive_term() -> None:
     cfg = losses_cfg(embed=1.0)
     cfg.contrastive.learn_temperature = True
-    assert not DistillLoss(cfg, 8, 8).log_logit_scale.requires_grad
+    loss = DistillLoss(cfg, 8, 8)
+    assert "contrastive" not in loss.terms
+    assert not any(p.requires_grad for p in loss.parameters())
 
 
 @pytest.mark.parametrize("global_negatives", [True, False])

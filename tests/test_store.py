@@ -187,11 +187,11 @@ def test_a_killed_build_resumes_at_the_first_unfinished_chunk(tmp_path, dataset,
     calls = {"n": 0}
     forward = type(model).forward
 
-    def dying_forward(self, batch):
+    def dying_forward(self, batch, layers=()):
         calls["n"] += 1
         if calls["n"] == 6:  # a shape probe, then chunks 0 and 1 (2 batches each) are done
             raise KeyboardInterrupt
-        return forward(self, batch)
+        return forward(self, batch, layers)
 
     monkeypatch.setattr(type(model), "forward", dying_forward)
     with pytest.raises(KeyboardInterrupt):

@@ -8,8 +8,10 @@ wrong type fails at start-up naming the key. Range and cross-field checks live i
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
 # ruff: noqa: UP006, UP035, UP045
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
+
+from mmkd.losses import term_classes
 
 # --------------------------------------------------------------------------- adapters
 
@@ -123,6 +125,10 @@ class AdapterSpec:
     # a run's exported model folder (DIR/student) or a .safetensors file of this adapter's state
     weights: Optional[str] = None
     freeze_encoder: bool = False  # train only the head (LiT / ImageBind locked tower)
+    # intermediate features every forward pass also returns (AdapterOutput.layers), by the
+    # model's own names: timm feature_info modules, hidden_states.N, layers.N, blockN. Loss terms
+    # ask for the layers of their `pairs` themselves; a wrong name fails at start-up
+    features: List[str] = field(default_factory=list)
     head: HeadCfg = field(default_factory=HeadCfg)
     timm: TimmCfg = field(default_factory=TimmCfg)
     image: ImageCfg = field(default_factory=ImageCfg)
@@ -263,62 +269,20 @@ class DataCfg:
 
 # --------------------------------------------------------------------------- losses
 
-
-@dataclass
-class KDCfg:
-    """Hinton KD: KL divergence of temperature-softened class distributions."""
-
-    weight: float = 0.0
-    temperature: float = 4.0
-
-
-@dataclass
-class EmbedCfg:
-    """Regression of the student embedding onto the teacher's."""
-
-    weight: float = 0.0
-    kind: str = "cosine"  # cosine | mse
+# Weighted loss terms, one section per term of the registry (mmkd.losses): `losses.<term>`
+# holds its `weight` (0: not computed) and its own settings. total = sum(weight * term).
+LossesCfg = make_dataclass(
+    "LossesCfg",
+    [(cls.name, cls.Config, field(default_factory=cls.Config)) for cls in term_classes()],
+)
 
 
 @dataclass
-class ContrastiveCfg:
-    """CLIP InfoNCE between paired student and teacher embeddings."""
+class TeacherSpec(AdapterSpec):
+    """One of several teachers (`teachers.NAME`): a model spec plus the loss terms that
+    compare the student(s) with this teacher."""
 
-    weight: float = 0.0
-    temperature: float = 0.07  # initial temperature (CLIP)
-    learn_temperature: bool = True
-    max_logit_scale: float = 100.0  # clamp of 1/temperature, as in CLIP
-    global_negatives: bool = True  # gather embeddings across processes (with gradients)
-
-
-@dataclass
-class RelationalCfg:
-    """RKD: distances and angles between the samples of a batch (Park et al. 2019)."""
-
-    weight: float = 0.0
-    distance_weight: float = (
-        1.0  # RKD-D inside the term (Park et al. use 25 and 50 as overall weights)
-    )
-    angle_weight: float = 2.0  # RKD-A
-
-
-@dataclass
-class CECfg:
-    """Cross-entropy with the labels (needs data.train_labels=true)."""
-
-    weight: float = 0.0
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class LossesCfg:
-    """Weighted loss terms; a term with weight 0 is not computed. total = sum(weight * term)."""
-
-    kd: KDCfg = field(default_factory=KDCfg)
-    embed: EmbedCfg = field(default_factory=EmbedCfg)
-    contrastive: ContrastiveCfg = field(default_factory=ContrastiveCfg)
-    relational: RelationalCfg = field(default_factory=RelationalCfg)
-    ce: CECfg = field(default_factory=CECfg)
+    losses: LossesCfg = field(default_factory=LossesCfg)  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------- optimisation & run
@@ -418,10 +382,13 @@ class Config:
 
     data: DataCfg = field(default_factory=DataCfg)
     teacher: Optional[AdapterSpec] = None  # None: no teacher (supervised training)
+    # several teachers, each with its own loss terms (teachers.NAME.losses); `teacher` with the
+    # top-level `losses` is the one-teacher shorthand. Label terms (ce) stay in `losses`
+    teachers: Dict[str, TeacherSpec] = field(default_factory=dict)
     student: AdapterSpec = field(default_factory=AdapterSpec)
     # more students trained against the same teacher (e.g. audio and image into a text space)
     extra_students: Dict[str, AdapterSpec] = field(default_factory=dict)
-    losses: LossesCfg = field(default_factory=LossesCfg)
+    losses: LossesCfg = field(default_factory=LossesCfg)  # type: ignore[valid-type]
     optim: OptimCfg = field(default_factory=OptimCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)

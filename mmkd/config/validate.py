@@ -11,13 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmkd.errors import ConfigError
 
-TEACHER_TERMS = ("kd", "embed", "contrastive", "relational")
-
 CHOICES = {
     "data.on_error": ("raise", "skip"),
     "data.fsdd.split": ("train", "test", "all"),
     "data.mnist.split": ("train", "test"),
-    "losses.embed.kind": ("cosine", "mse"),
     "optim.name": ("adamw", "sgd"),
     "optim.scheduler": ("cosine", "constant"),
     "distill.nonfinite_loss": ("stop", "skip"),
@@ -30,9 +27,6 @@ ADAPTER_CHOICES = {
 }
 POSITIVE = (
     "data.batch_size",
-    "losses.kd.temperature",
-    "losses.contrastive.temperature",
-    "losses.contrastive.max_logit_scale",
     "optim.lr",
     "run.latency_seconds",
     "run.checkpoint_every_n_steps",
@@ -47,9 +41,6 @@ NON_NEGATIVE = (
     "data.webdataset.shuffle_buffer",
     "optim.weight_decay",
     "optim.min_lr_ratio",
-    "losses.relational.distance_weight",
-    "losses.relational.angle_weight",
-    "losses.ce.label_smoothing",
     "data.max_train_samples",
     "data.max_eval_samples",
 )
@@ -66,9 +57,11 @@ ADAPTER_POSITIVE = (
 
 
 def adapter_specs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
-    """(key, spec) for every model in the run: teacher, student and extra students."""
+    """(key, spec) for every model in the run: teacher(s), student and extra students."""
     if cfg.teacher is not None:
         yield "teacher", cfg.teacher
+    for name, spec in cfg.teachers.items():
+        yield f"teachers.{name}", spec
     yield "student", cfg.student
     for name, spec in cfg.extra_students.items():
         yield f"extra_students.{name}", spec
@@ -170,20 +163,71 @@ def validate(cfg: DictConfig) -> None:
             "node); give a folder every node sees"
         )
 
-    weights = {name: cfg.losses[name].weight for name in (*TEACHER_TERMS, "ce")}
-    for name, weight in weights.items():
-        if weight < 0:
-            raise ConfigError(f"losses.{name}.weight: must be >= 0, got {weight}")
-    if not any(w > 0 for w in weights.values()):
-        raise ConfigError("losses: every weight is 0; set e.g. losses.kd.weight=1")
-    if cfg.teacher is None:
-        for name in TEACHER_TERMS:
-            if weights[name] > 0:
-                raise ConfigError(
-                    f"losses.{name}.weight: is {weights[name]} but there is no teacher "
-                    "(set teacher=NAME or the weight to 0)"
-                )
-    if weights["ce"] > 0 and not cfg.data.train_labels:
+    check_losses(cfg)
+
+
+def loss_sections(
+    cfg: DictConfig, one_teacher: bool | None = None
+) -> Iterator[tuple[str, DictConfig, str, str | None]]:
+    """(config key, losses section, scope, teacher name) of every group of loss terms: the
+    one-teacher `losses` (every term), or with `teachers` each teacher's `losses` (its terms)
+    and the top-level `losses` (label terms). `one_teacher`: whether the shorthand's teacher
+    exists (default: whether `teacher` is set)."""
+    if cfg.teachers:
+        for name, spec in cfg.teachers.items():
+            yield f"teachers.{name}.losses", spec.losses, "teacher", str(name)
+        yield "losses", cfg.losses, "labels", None
+    else:
+        one = cfg.teacher is not None if one_teacher is None else one_teacher
+        yield "losses", cfg.losses, "all", "teacher" if one else None
+
+
+def check_losses(cfg: DictConfig) -> None:
+    """Each term's settings (through the registry), and who may use which term."""
+    from mmkd.losses import term_classes
+
+    if cfg.teacher is not None and cfg.teachers:
         raise ConfigError(
-            "losses.ce.weight: is > 0 but data.train_labels=false keeps labels from the loss"
+            "teachers: give one teacher (teacher=NAME with losses) or several (teachers.NAME "
+            "with teachers.NAME.losses), not both (set teacher=none)"
         )
+    for name in cfg.teachers:
+        if not str(name).isidentifier():
+            raise ConfigError(f"teachers.{name}: a teacher's name must be an identifier")
+    store_used = cfg.distill.store.views is not None or cfg.distill.cache
+    any_weight = False
+    for key, section, scope, teacher in loss_sections(cfg):
+        for cls in term_classes():
+            term_key = f"{key}.{cls.name}"
+            weight = section[cls.name].weight
+            if weight < 0:
+                raise ConfigError(f"{term_key}.weight: must be >= 0, got {weight}")
+            cls.check(section[cls.name], term_key)
+            if weight == 0:
+                continue
+            any_weight = True
+            if cls.uses_teacher and teacher is None:
+                raise ConfigError(
+                    f"{term_key}.weight: is {weight} but there is no teacher "
+                    "(set teacher=NAME or the weight to 0)"
+                    if not cfg.teachers
+                    else f"{term_key}.weight: with several teachers, a teacher's terms go in "
+                    f"teachers.NAME.losses.{cls.name}"
+                )
+            if not cls.uses_teacher and scope == "teacher":
+                raise ConfigError(
+                    f"{term_key}.weight: {cls.name} does not use a teacher; set it in "
+                    f"losses.{cls.name} (label terms apply once, whatever the teachers)"
+                )
+            if cls.needs_labels and not cfg.data.train_labels:
+                raise ConfigError(
+                    f"{term_key}.weight: is > 0 but data.train_labels=false keeps labels "
+                    "from the loss"
+                )
+            if cls.needs_full_logits and store_used and cfg.distill.store.logits_topk:
+                raise ConfigError(
+                    f"{term_key}: needs every teacher logit, but distill.store.logits_topk="
+                    f"{cfg.distill.store.logits_topk} keeps only the top ones (set it to null)"
+                )
+    if not any_weight:
+        raise ConfigError("losses: every weight is 0; set e.g. losses.kd.weight=1")

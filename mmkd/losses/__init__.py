@@ -1,0 +1,50 @@
+"""Distillation loss terms, one registry (`TERMS`) and the weighted set of one student against
+one teacher (`DistillLoss`). Adding a term: one module that defines and registers it (see
+`mmkd.losses.base.LossTerm`), imported below, plus its test."""
+
+from .base import (
+    REDUCTIONS,
+    TERMS,
+    FeatureTarget,
+    Gather,
+    LossTerm,
+    TermContext,
+    TermInputs,
+    attention_map,
+    distributed_gather,
+    local_gather,
+    match_spatial,
+    register_term,
+    term_classes,
+)
+from .embedding import contrastive_loss, embed_loss, rkd_angle, rkd_distance
+from .layers import attention_loss, hint_loss, similarity_loss
+from .logits import dkd_loss, kd_loss
+from .term_set import DistillLoss, active_terms
+
+__all__ = [
+    "REDUCTIONS",
+    "TERMS",
+    "DistillLoss",
+    "FeatureTarget",
+    "Gather",
+    "LossTerm",
+    "TermContext",
+    "TermInputs",
+    "active_terms",
+    "attention_loss",
+    "attention_map",
+    "contrastive_loss",
+    "distributed_gather",
+    "dkd_loss",
+    "embed_loss",
+    "hint_loss",
+    "kd_loss",
+    "local_gather",
+    "match_spatial",
+    "register_term",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_loss",
+    "term_classes",
+]

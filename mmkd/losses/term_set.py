@@ -1,0 +1,108 @@
+"""`DistillLoss`: the weighted terms of one student against one teacher (or the labels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from .base import (
+    FeatureTarget,
+    Gather,
+    LossTerm,
+    TermContext,
+    TermInputs,
+    distributed_gather,
+    term_classes,
+)
+
+# which terms a DistillLoss builds: those on the teacher, those on the labels only, or all
+SCOPES = ("teacher", "labels", "all")
+
+
+def active_terms(cfg: DictConfig, scope: str = "all") -> list[type[LossTerm]]:
+    """The registered terms `cfg` (a losses section) switches on (weight > 0) in `scope`."""
+    return [
+        cls
+        for cls in term_classes()
+        if cfg[cls.name].weight > 0 and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
+    ]
+
+
+class DistillLoss(nn.Module):
+    """The weighted loss of one student against a teacher's outputs and the labels.
+
+    Holds the terms' learnable parts (hint regressors, the contrastive temperature) and, when
+    an embedding term compares in the teacher's space and the dimensions differ, a learned
+    linear map of the student embedding into it (FitNets-style). The total is
+    `sum(weight[name] * term)`."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        student_dim: int,
+        teacher_dim: int | None,
+        scope: str = "all",
+        **context: Any,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ctx = TermContext(student_dim, teacher_dim, **context)
+        classes = active_terms(cfg, scope)
+        self.weights = {cls.name: float(cfg[cls.name].weight) for cls in classes}
+        self.terms = nn.ModuleDict({cls.name: cls(cfg[cls.name], ctx) for cls in classes})
+        needs_space = any(term.teacher_space for term in self.terms.values())
+        self.to_teacher = (
+            nn.Linear(student_dim, teacher_dim, bias=False)
+            if needs_space and teacher_dim is not None and teacher_dim != student_dim
+            else None
+        )
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(term.uses_teacher for term in self.terms.values())
+
+    def student_outputs(self) -> set[str]:
+        """Which student outputs the terms train: "logits", "embedding"."""
+        return {out for term in self.terms.values() for out in term.student_outputs}
+
+    def student_layers(self) -> list[str]:
+        return list(dict.fromkeys(n for term in self.terms.values() for n in term.student_layers()))
+
+    def teacher_features(self) -> list[FeatureTarget]:
+        return list(
+            dict.fromkeys(f for term in self.terms.values() for f in term.teacher_features())
+        )
+
+    def forward(
+        self,
+        student_embedding: Tensor,
+        student_logits: Tensor | None,
+        teacher_embedding: Tensor | None,
+        teacher_logits: Tensor | None,
+        labels: Tensor | None,
+        gather: Gather = distributed_gather,
+        student_layers: dict[str, Tensor] | None = None,
+        teacher_features: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Unweighted terms by name; only the terms with a positive weight are computed."""
+        mapped = student_embedding
+        if self.to_teacher is not None:
+            mapped = F.normalize(self.to_teacher(student_embedding), dim=-1)
+        inputs = TermInputs(
+            student_embedding=student_embedding,
+            student_logits=student_logits,
+            teacher_embedding=teacher_embedding,
+            teacher_logits=teacher_logits,
+            labels=labels,
+            gather=gather,
+            student_layers=student_layers or {},
+            teacher_features=teacher_features or {},
+            mapped_embedding=mapped,
+        )
+        return {name: term(inputs) for name, term in self.terms.items()}
+
+    def total(self, terms: dict[str, Tensor]) -> Tensor:
+        return sum(self.weights[name] * value for name, value in terms.items())  # type: ignore[return-value]
