@@ -1,7 +1,8 @@
 """The CIFAR-10 distillation benchmark: labels only vs KD from a live teacher vs KD from the
-teacher store, on augmented real images.
+teacher store, on augmented real images; with --methods, the distillation methods side by side.
 
     python benchmarks/cifar10.py [--data-root DIR] [--seeds 0 1 2] [--out DIR] [--full]
+    python benchmarks/cifar10.py --methods [--seeds 0 1 2]   # hint, attention, similarity, dkd
 
 Trains a teacher once with labels and augmentation (reused when DIR/runs/teacher/seed0 holds a
 finished run), then for each seed the same student (a) with labels only, (b) with KD from the
@@ -26,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,6 +70,32 @@ PROTOCOLS = {
         "views": 2,
     },
 }
+# --methods: each method from the teacher store (K views, float16, features included), same
+# protocol, seeds and validation split as the KD rows; "+ CE" methods add cross-entropy (weight 1)
+METHODS = {
+    "hint": ["losses=cifar_hint"],
+    "attention": ["losses=cifar_attention"],
+    "similarity": ["losses=cifar_similarity"],
+    "dkd": ["losses=dkd"],
+}
+METHOD_LABELS = {
+    "labels_only": "labels only (CE)",
+    "kd_store": "KD (T=4) + 0.5 CE",
+    "hint": "FitNets hint, stages.1 (x100) + CE",
+    "attention": "attention transfer, 3 stages (x1000) + CE",
+    "similarity": "similarity-preserving, stages.2 (x3000) + CE",
+    "dkd": "DKD (alpha 1, beta 8, T=4) + CE",
+}
+# what the papers report for the same kind of pair on the official CIFAR test set
+PUBLISHED_METHODS = (
+    "Published (official CIFAR test sets, 240 epochs, CRD benchmark of Tian et al. 2020 on "
+    "CIFAR-100, ResNet-56 → ResNet-20, student 69.06 %): KD +1.60, FitNets −0.05, AT +1.49, "
+    "SP +0.43 points; DKD +2.68 points (Zhao et al. 2022, same pair). CIFAR-10, WRN-40-1 → "
+    "WRN-16-1 (91.2 %): KD +0.4, AT +0.6 points (Zagoruyko & Komodakis 2017)."
+)
+TIMING_VARIANTS = ("labels_only", "kd_store", *METHODS)
+TIMING_EPOCHS = 3
+
 PUBLISHED = (
     "Published (original CIFAR-10 arrays, official test set, 160-240 epochs): ResNet-20 "
     "91.9 %, ResNet-56 93.6 % (torchdistill); WRN-16-1 91.2 % → 91.6 % with KD from a "
@@ -100,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny protocol to test the script")
     parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument(
+        "--methods", action="store_true", help="hint, attention, similarity and dkd rows"
+    )
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help=f"time {TIMING_EPOCHS}-epoch runs of every variant back to back (seed 0)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
@@ -154,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kd_store": [f"distill.store.views={protocol['views']}"],
         "kd_live": ["distill.store.views=null"],
     }
+    method_runs = {
+        name: [*extra, f"distill.store.views={protocol['views']}", "distill.store.dtype=float16"]
+        for name, extra in METHODS.items()
+    }
+    if args.methods or args.timing:
+        return run_methods(args, out, protocol, students, variants, method_runs, record, started)
     for seed in args.seeds:  # the variants of one seed run back to back: timings compare
         for variant, extra in variants.items():
             record(f"{variant}/seed{seed}", [*students, *extra, f"run.seed={seed}"])
@@ -164,6 +206,109 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["teacher"]["trained_in_this_run"] = not teacher_existed
     write_report(out, args, protocol, results, report)
     return 0
+
+
+def run_methods(
+    args: argparse.Namespace,
+    out: Path,
+    protocol: dict,
+    students: list[str],
+    variants: dict[str, list[str]],
+    method_runs: dict[str, list[str]],
+    record: Any,
+    started: float,
+) -> int:
+    """--methods: every method for every seed (labels-only and stored KD reuse their runs), and
+    --timing: each variant for TIMING_EPOCHS epochs back to back, for epoch-time ratios."""
+    every = {"labels_only": variants["labels_only"], "kd_store": variants["kd_store"]}
+    every.update(method_runs)
+    results: dict[str, dict[str, float]] = {}
+    if args.methods:
+        for seed in args.seeds:
+            for variant, extra in every.items():
+                name = f"{variant}/seed{seed}"
+                results[name] = record(name, [*students, *extra, f"run.seed={seed}"])
+    timing: dict[str, float] = {}
+    if args.timing:
+        for variant in TIMING_VARIANTS:
+            name = f"timing/{variant}"
+            record(
+                name,
+                [
+                    *students,
+                    *every[variant],
+                    f"trainer.max_epochs={TIMING_EPOCHS}",
+                    "run.test=false",
+                    "run.seed=0",
+                ],
+            )
+            timing[variant] = statistics.median(timed_epochs(out / "runs" / name))
+    path = out / "methods.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    report = {
+        "runs": {**previous.get("runs", {}), **results},
+        "timing_epoch_s": timing or previous.get("timing_epoch_s", {}),
+        "seeds": args.seeds if results else previous.get("seeds", args.seeds),
+        "protocol": protocol,
+        "wall_s": time.perf_counter() - started,
+    }
+    path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    write_methods_report(out, report)
+    return 0
+
+
+def write_methods_report(out: Path, report: dict) -> None:
+    """DIR/METHODS.md: accuracy per method (mean ± std over seeds), its difference from
+    labels-only with the combined standard error, and its epoch time over labels-only."""
+    seeds, runs, timing = report["seeds"], report["runs"], report["timing_epoch_s"]
+    protocol = report["protocol"]
+    acc = {
+        v: [runs[f"{v}/seed{s}"]["student/accuracy"] for s in seeds if f"{v}/seed{s}" in runs]
+        for v in METHOD_LABELS
+    }
+    base = acc["labels_only"]
+    lines = [
+        "# CIFAR-10: distillation methods side by side",
+        "",
+        f"Command: `python benchmarks/cifar10.py --methods --timing --seeds "
+        f"{' '.join(map(str, seeds))}` on {platform.machine()} with "
+        f"{torch.get_num_threads()} torch threads (CPU). Same protocol, seeds and 5,000-image "
+        f"validation split as RESULTS_cifar10.md: teacher {protocol['teacher_model']}, student "
+        f"{protocol['student_model']}, {protocol['student_epochs']} epochs on "
+        f"{protocol['train_images'] or 45_000:,} images, teacher outputs and features from the "
+        f"teacher store (K={protocol['views']} views, float16 for the method rows).",
+        "",
+        "| method | accuracy (mean ± std) | − labels-only (± combined s.e.) | beyond noise | "
+        f"epoch / labels-only epoch ({TIMING_EPOCHS}-epoch runs, seed 0) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, label in METHOD_LABELS.items():
+        values = acc[variant]
+        if not values:
+            continue
+        ratio = (
+            f"{timing[variant] / timing['labels_only']:.3f}"
+            if variant in timing and "labels_only" in timing
+            else "not timed"
+        )
+        if variant == "labels_only" or len(values) < 2 or len(base) < 2:
+            delta, verdict = "", ""
+        else:
+            gain = statistics.fmean(values) - statistics.fmean(base)
+            noise = math.hypot(standard_error(values), standard_error(base))
+            delta = f"{gain * 100:+.2f} (± {noise * 100:.2f}) points"
+            verdict = "yes" if abs(gain) > noise else "no: within noise"
+        lines.append(f"| {label} | {fmt(values)} | {delta} | {verdict} | {ratio} |")
+    if timing:
+        lines += [
+            "",
+            "Epoch seconds (median of epochs 2-3, training batches only, seed 0): "
+            + ", ".join(f"{v} {t:.1f}" for v, t in timing.items())
+            + ".",
+        ]
+    lines += ["", PUBLISHED_METHODS]
+    (out / "METHODS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def timed_epochs(run_dir: Path) -> list[float]:

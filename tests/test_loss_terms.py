@@ -131,7 +131,7 @@ def test_every_term_is_in_the_registry_and_the_schema() -> None:
     for cls in term_classes():
         assert issubclass(cls, LossTerm) and TERMS.get(cls.name) is cls
         assert cfg[cls.name].weight == 0.0  # off unless asked for
-    with pytest.raises(ConfigError, match="Valid names: .*attention"):
+    with pytest.raises(ConfigError, match=r"Valid names: .*attention"):
         TERMS.get("atention")
 
 
