@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
@@ -102,6 +103,16 @@ class Adapter(nn.Module, ABC):
     """Base class: subclasses build the encoder and the preprocessor for their modality."""
 
     modality: ClassVar[str]
+    #: the config sections this adapter reads (`spec.<name>`, from `ADAPTER_SECTIONS`), e.g.
+    #: ("timm", "image"). Only these are checked and exported; changing another one from its
+    #: defaults is a config error. None (an adapter that does not say): it may read any section.
+    #: `head`, `options` and the other common fields are always read.
+    sections: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def read_sections(cls) -> tuple[str, ...]:
+        """The sections this adapter reads (every section when `sections` is None)."""
+        return tuple(ADAPTER_SECTIONS) if cls.sections is None else tuple(cls.sections)
 
     def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
         super().__init__()
@@ -198,14 +209,20 @@ class Adapter(nn.Module, ABC):
         self.encoder_frozen = True
 
     def export_spec(self, folder: Path) -> DictConfig:
-        """The spec saved beside exported weights. Pretrained sources are switched off (the
-        weights file holds the weights); subclasses save extra assets (tokenizer) to `folder`."""
+        """The spec saved beside exported weights: the common fields and the sections this
+        adapter reads, each with its pretrained sources switched off by the section's
+        `exported` rule (the weights file holds the weights). Subclasses save extra assets
+        (tokenizer) to `folder`."""
         spec = OmegaConf.create(OmegaConf.to_container(self.spec, resolve=True))
         spec.weights = None
-        spec.timm.pretrained = False
-        spec.timm.pretrained_file = None
-        spec.text.pretrained = False
-        spec.wav2vec2.weights_file = None
+        read = self.read_sections()
+        for name, section in ADAPTER_SECTIONS.items():
+            if name not in spec:
+                continue
+            if name in read:
+                section.exported(spec[name])  # the section's own rule
+            else:  # loading the export gives it its defaults back
+                del spec[name]
         return spec
 
     def train(self, mode: bool = True) -> Adapter:

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmkd.errors import CheckpointError
 from mmkd.io import load_state_file
 
+from . import register_builtins
 from .base import ADAPTERS, Adapter
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -23,7 +24,7 @@ def weights_file(weights: str) -> Path:
 
 def load_export_spec(folder: str | Path) -> DictConfig:
     """The adapter spec of an exported model folder, with its asset paths made absolute."""
-    from mmkd.config.schema import AdapterSpec
+    from mmkd.config.schema import ADAPTER_SECTIONS, AdapterSpec
 
     folder = Path(folder)
     spec_file = folder / EXPORT_SPEC
@@ -35,14 +36,14 @@ def load_export_spec(folder: str | Path) -> DictConfig:
         spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
     except Exception as err:  # yaml or schema error: the file is damaged or from another version
         raise CheckpointError(f"{spec_file}: cannot be read as an adapter spec ({err})") from None
-    model = Path(spec.text.model)
-    if not model.is_absolute() and (folder / model).exists():
-        spec.text.model = str((folder / model).resolve())
+    for name, section in ADAPTER_SECTIONS.items():
+        section.from_export(spec[name], folder)
     return spec
 
 
 def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     """Instantiate `spec.adapter`, load `spec.weights` if set, freeze the encoder if asked."""
+    register_builtins()
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
     adapter = adapter_cls(spec, key=key)
     if spec.weights:

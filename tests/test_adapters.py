@@ -182,6 +182,18 @@ def test_preprocessor_is_picklable(name: str, built: dict[str, Adapter], files: 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# the sections each built-in adapter reads; an export writes these (and the common fields) only
+READS = {
+    "image": {"timm", "image"},
+    "text": {"text"},
+    "audio_cnn": {"audio", "cnn"},
+    "audio_timm": {"audio", "timm"},
+    "audio_wav2vec2": {"audio", "wav2vec2"},
+    "audio_hubert": {"audio", "wav2vec2"},
+}
+SECTIONS = {"timm", "image", "text", "audio", "cnn", "wav2vec2"}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_export_spec_switches_pretrained_sources_off(name: str, tmp_path: Path) -> None:
     adapter = build(name)
@@ -193,10 +205,20 @@ def test_export_spec_switches_pretrained_sources_off(name: str, tmp_path: Path) 
     spec.wav2vec2.weights_file = "w2v.safetensors"
     exported = adapter.export_spec(tmp_path)
     assert exported.weights is None
-    assert exported.timm.pretrained is False and exported.timm.pretrained_file is None
-    assert exported.text.pretrained is False and exported.wav2vec2.weights_file is None
+    # only the sections the adapter reads, plus every common field
+    assert set(exported) & SECTIONS == READS[name] == set(type(adapter).read_sections())
+    assert set(exported) - SECTIONS == set(spec) - SECTIONS
+    if "timm" in READS[name]:
+        assert exported.timm.pretrained is False and exported.timm.pretrained_file is None
+        assert exported.timm.model == spec.timm.model  # the rest of the section is kept
+    if "text" in READS[name]:
+        assert exported.text.pretrained is False
+    if "wav2vec2" in READS[name]:
+        assert exported.wav2vec2.weights_file is None
+        assert exported.wav2vec2.overrides == spec.wav2vec2.overrides
     # the adapter's own spec is left alone
     assert spec.timm.pretrained is True and spec.weights == "somewhere.safetensors"
+    assert spec.text.pretrained is True and spec.wav2vec2.weights_file == "w2v.safetensors"
     assert OmegaConf.to_yaml(exported)  # plain values only: interpolations are resolved
     if name == "text":
         assert exported.text.model == "text" and (tmp_path / "text" / "config.json").is_file()

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import mmkd.adapters  # noqa: F401  (registers the models)
+import mmkd.adapters.cifar_models  # noqa: F401  (registers the models)
 
 # parameter counts of the papers (He et al. 2016; Zagoruyko & Komodakis 2016), with a 10-class fc
 PAPER_PARAMS = {

