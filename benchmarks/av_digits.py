@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "runs" / "benchmark"))
+    parser.add_argument(
+        "--two-teachers",
+        action="store_true",
+        help="only the teacher, the single-teacher audio runs and the two-teacher run "
+        "(writes TWO_TEACHERS.md)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
@@ -136,6 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     record("mnist_teacher", ["experiment=mnist_teacher", *data])
     teacher = f"teacher.weights={out / 'runs' / 'mnist_teacher' / 'student'}"
+    if args.two_teachers:
+        image = f"teachers.image.weights={out / 'runs' / 'mnist_teacher' / 'student'}"
+        for seed in args.seeds:
+            s = [f"run.seed={seed}", *data, *cache]
+            for name, extra in (
+                ("av_digits_xmodal", [teacher]),
+                ("av_digits_bind_text", ["extra_students={}"]),  # the audio student alone
+                ("av_digits_two_teachers", [image]),
+            ):
+                record(f"{name}/seed{seed}", [f"experiment={name}", *extra, *s])
+        write_two_teacher_report(out, args, results)
+        return 0
     for seed in args.seeds:
         s = [f"run.seed={seed}", *data]
         record(f"mnist_compress/seed{seed}", ["experiment=mnist_compress", teacher, *cache, *s])
@@ -175,6 +193,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = sum(m["wall_s"] for m in results.values()) + time.perf_counter() - overhead_started
     write_report(out, args, results, epochs, timed_config.data.max_train_samples, overhead, elapsed)
     return 0
+
+
+TWO_TEACHER_ROWS = (
+    ("image teacher only (av_digits_xmodal: kd + contrastive + embed)", "av_digits_xmodal"),
+    (
+        "text teacher only (av_digits_bind_text, audio student alone; zero-shot)",
+        "av_digits_bind_text",
+    ),
+    ("image + text teachers (av_digits_two_teachers)", "av_digits_two_teachers"),
+)
+
+
+def write_two_teacher_report(
+    out: Path, args: argparse.Namespace, results: dict[str, dict[str, float]]
+) -> None:
+    """TWO_TEACHERS.md: the audio student's FSDD test accuracy taught by each teacher alone and
+    by both, mean ± std over seeds, with the two-teacher run's difference from each."""
+    two = per_seed(results, "av_digits_two_teachers", "student/accuracy")
+    lines = [
+        "# AV-digits: one audio student, two teachers",
+        "",
+        f"Command: `python benchmarks/av_digits.py --two-teachers --seeds "
+        f"{' '.join(map(str, args.seeds))}` on {platform.machine()} with "
+        f"{torch.get_num_threads()} torch threads (CPU). The audio student (fsdd_cnn) never sees "
+        "an audio label; accuracy on the FSDD test split (recordings 0-4 of every speaker), "
+        "mean ± std over seeds. The MNIST image teacher is trained once (seed 0).",
+        "",
+        "| teachers | audio student accuracy | two teachers − this row |",
+        "| --- | --- | --- |",
+    ]
+    for label, name in TWO_TEACHER_ROWS:
+        values = per_seed(results, name, "student/accuracy")
+        if name == "av_digits_two_teachers":
+            lines.append(f"| {label} | {fmt(values)} |  |")
+            continue
+        value, verdict = better_than(two, values)
+        lines.append(f"| {label} | {fmt(values)} | {value}: {verdict} |")
+    teacher = results["mnist_teacher"]["student/accuracy"]
+    lines += ["", f"Image teacher (MNIST test accuracy): {teacher:.4f}."]
+    text = "\n".join(lines) + "\n"
+    (out / "TWO_TEACHERS.md").write_text(text)
+    (out / "two_teachers.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(text)
 
 
 def per_seed(results: dict[str, dict[str, float]], experiment: str, key: str) -> list[float]:

@@ -66,7 +66,12 @@ def adopt_exported_specs(cfg: DictConfig) -> None:
         saved.weights = spec.weights
         saved.freeze_encoder = spec.freeze_encoder
         log.info("%s: architecture taken from %s", key, Path(spec.weights) / EXPORT_SPEC)
-        OmegaConf.update(cfg, key, saved, merge=False)
+        # what the spec holds beyond the model (a teacher's `losses`) stays as configured
+        kept = {name: spec[name] for name in spec if name not in saved}
+        node = OmegaConf.merge(
+            OmegaConf.structured(OmegaConf.get_type(spec)), OmegaConf.to_container(saved), kept
+        )
+        OmegaConf.update(cfg, key, node, merge=False)
 
 
 def resolve_classes(cfg: DictConfig, num_classes: int) -> None:

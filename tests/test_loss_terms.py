@@ -271,3 +271,27 @@ def test_logit_terms_need_classifiers_with_the_same_classes() -> None:
     headless = build_adapter(tiny_spec("image", head__classifier=False), key="student")
     with pytest.raises(ConfigError, match=r"student\.head\.classifier: losses\.ce needs"):
         DistillLoss(cfg, 16, 16, student=headless, teacher=None)
+
+
+def test_a_layer_typo_stops_the_run_at_start_up(tmp_path, capsys) -> None:
+    from tiny import small_run, tiny_overrides
+
+    from mmkd.train import main
+
+    code = main(
+        [
+            *small_run(),
+            f"run.dir={tmp_path}",
+            "teacher=none",
+            "losses=supervised",
+            "data.train_labels=true",
+            *tiny_overrides("student", "image"),
+            "student.head.classifier=true",
+            "student.features=[layer5]",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "student.features: image model has no feature 'layer5'" in err
+    assert "valid: act1, layer1, layer2, layer3, layer4" in err
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
