@@ -295,3 +295,15 @@ def test_a_layer_typo_stops_the_run_at_start_up(tmp_path, capsys) -> None:
     assert "student.features: image model has no feature 'layer5'" in err
     assert "valid: act1, layer1, layer2, layer3, layer4" in err
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_mmkd_layers_lists_each_models_layers_and_shapes(capsys) -> None:
+    from tiny import tiny_overrides
+
+    from mmkd.cli import main
+
+    args = ["layers", "teacher=none", "losses=supervised", "data.train_labels=true"]
+    assert main([*args, *tiny_overrides("student", "audio_cnn")]) == 0
+    out = capsys.readouterr().out
+    assert "student (audio_cnn): 2 layers" in out
+    assert "block1" in out and "(8, 8, 26)" in out and "block2" in out

@@ -94,13 +94,14 @@ class TermContext:
     student_key: str = "student"
     teacher_key: str = "teacher"
 
-    def layer_shapes(self, side: str, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        """Check the layer names of the student or teacher model (ConfigError listing the
-        valid ones) and return their per-sample shapes."""
+    def layer_shapes(self, side: str, names: Sequence[str], key: str) -> dict[str, tuple[int, ...]]:
+        """Check the layer names of the student or teacher model (ConfigError at `key`
+        listing the valid ones) and return their per-sample shapes."""
         model = self.student if side == "student" else self.teacher
         if model is None:
-            raise ConfigError(f"{self.key}: layer features need the {side} model")
-        model.check_features(names, f"{self.key} ({side} layer of {getattr(self, side + '_key')})")
+            raise ConfigError(f"{key}: layer features need the {side} model")
+        model_key = self.student_key if side == "student" else self.teacher_key
+        model.check_features(names, f"{key}, {side} layer of {model_key}")
         return model.feature_shapes(names)
 
 
@@ -226,8 +227,12 @@ class LayerPairTerm(LossTerm):
         super().__init__(cfg, ctx)
         key = f"{ctx.key}.{self.name}"
         self.pairs = parse_pairs(cfg.pairs, key)
-        self.student_shapes = ctx.layer_shapes("student", [s for s, _ in self.pairs])
-        self.teacher_shapes = ctx.layer_shapes("teacher", [t for _, t in self.pairs])
+        self.student_shapes = ctx.layer_shapes(
+            "student", [s for s, _ in self.pairs], f"{key}.pairs"
+        )
+        self.teacher_shapes = ctx.layer_shapes(
+            "teacher", [t for _, t in self.pairs], f"{key}.pairs"
+        )
         for s, t in self.pairs:
             s_shape, t_shape = self.student_shapes[s], self.teacher_shapes[t]
             if self.needs_spatial and (len(s_shape) < 2 or len(t_shape) < 2):
