@@ -252,5 +252,14 @@ class LayerPairTerm(LossTerm):
     def teacher_features(self) -> list[FeatureTarget]:
         return [FeatureTarget(t, self.reduce) for _, t in self.pairs]
 
-    def teacher_feature(self, inputs: TermInputs, layer: str) -> Tensor:
-        return inputs.teacher_features[FeatureTarget(layer, self.reduce).name].float()
+    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
+        """The term on pair `index`: the student layer and the teacher feature it reads."""
+        raise NotImplementedError
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        """The sum of `pair_loss` over the pairs."""
+        total = 0.0
+        for index, (s, t) in enumerate(self.pairs):
+            teacher = inputs.teacher_features[FeatureTarget(t, self.reduce).name].float()
+            total = total + self.pair_loss(index, inputs.student_layers[s], teacher)
+        return total  # type: ignore[return-value]

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from .base import (
     LayerPairTerm,
     TermContext,
-    TermInputs,
     attention_map,
     match_spatial,
     register_term,
@@ -86,15 +85,10 @@ class Hint(LayerPairTerm):
             for s, t in self.pairs
         )
 
-    def forward(self, inputs: TermInputs) -> Tensor:
-        total = 0.0
-        for (s, t), regressor in zip(self.pairs, self.regressors, strict=True):
-            teacher = self.teacher_feature(inputs, t)
-            student = inputs.student_layers[s]
-            # resizing first is cheaper and equal: the 1x1 map and the resize are both linear
-            student = match_spatial(student, teacher.shape[2:]) if teacher.ndim > 2 else student
-            total = total + hint_loss(regressor(student), teacher)
-        return total  # type: ignore[return-value]
+    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
+        # resizing first is cheaper and equal: the 1x1 map and the resize are both linear
+        student = match_spatial(student, teacher.shape[2:]) if teacher.ndim > 2 else student
+        return hint_loss(self.regressors[index](student), teacher)
 
 
 @dataclass
@@ -112,13 +106,8 @@ class Attention(LayerPairTerm):
     reduce = "attention"  # the teacher store keeps the (small) attention map, not the layer
     needs_spatial = True
 
-    def forward(self, inputs: TermInputs) -> Tensor:
-        total = 0.0
-        for s, t in self.pairs:
-            total = total + attention_loss(
-                inputs.student_layers[s], self.teacher_feature(inputs, t)
-            )
-        return total  # type: ignore[return-value]
+    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
+        return attention_loss(student, teacher)
 
 
 @dataclass
@@ -134,13 +123,8 @@ class Similarity(LayerPairTerm):
     name = "similarity"
     Config = SimilarityCfg
 
-    def forward(self, inputs: TermInputs) -> Tensor:
-        total = 0.0
-        for s, t in self.pairs:
-            total = total + similarity_loss(
-                inputs.student_layers[s], self.teacher_feature(inputs, t)
-            )
-        return total  # type: ignore[return-value]
+    def pair_loss(self, index: int, student: Tensor, teacher: Tensor) -> Tensor:
+        return similarity_loss(student, teacher)
 
 
 __all__ = ["attention_loss", "attention_map", "hint_loss", "similarity_loss"]
