@@ -289,3 +289,50 @@ def test_augmented_store_run_trains_and_reuses_the_store_across_seeds(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == entries
     metas = [json.loads((tmp_path / "store" / e / "meta.json").read_text()) for e in entries]
     assert sorted(m["views"] for m in metas) == [1, 3]
+
+
+def test_teacher_features_are_stored_per_view_in_the_form_terms_read(tmp_path, dataset):
+    from mmkd.losses import FeatureTarget, attention_map
+
+    model = teacher(**AUGMENT)
+    targets = (FeatureTarget("layer2"), FeatureTarget("layer1", "attention"))
+    spec = StoreSpec(views=2, seed=3, dtype="float16", features=targets)
+    folder, _ = build(tmp_path, model, dataset, spec=spec, augmented=True)
+    store = TeacherStore.open(folder)
+    assert store.meta["features"] == ["layer2", "layer1@attention"]
+    shapes = model.feature_shapes(["layer1", "layer2"])
+    # the attention target keeps only the (H, W) map, not the (C, H, W) layer
+    assert store.arrays["feature.1"].shape == (24, 2, *shapes["layer1"][1:])
+    assert store.arrays["feature.0"].shape == (24, 2, *shapes["layer2"])
+    assert store.arrays["feature.0"].dtype == np.float16
+    indices, views = [4, 4, 9], [0, 1, 1]
+    stored = store.lookup([dataset[i]["id"] for i in indices], views)
+    pre = model.make_preprocessor()
+    collate = RoleCollate(
+        {"teacher": pre}, train=True, keep_labels=False, num_classes=0, replay_seed=3
+    )
+    batch = collate([ViewedDataset(dataset)[(i, v)] for i, v in zip(indices, views, strict=True)])
+    with torch.no_grad():
+        out = model(batch["inputs"]["teacher"], layers=["layer1", "layer2"])
+    torch.testing.assert_close(
+        stored.features["layer2"], out.layers["layer2"], atol=2e-3, rtol=2e-3
+    )
+    torch.testing.assert_close(
+        stored.features["layer1@attention"],
+        attention_map(out.layers["layer1"]),
+        atol=2e-3,
+        rtol=2e-3,
+    )
+    # features are part of the key: the same teacher without them is another entry
+    plain = builder(
+        model, dataset, spec=StoreSpec(views=2, seed=3, dtype="float16"), augmented=True
+    )
+    assert plain.key != builder(model, dataset, spec=spec, augmented=True).key
+
+
+def test_a_store_too_big_because_of_features_says_so(tmp_path, dataset):
+    from mmkd.losses import FeatureTarget
+
+    spec = StoreSpec(views=1, max_gb=1e-5, features=(FeatureTarget("layer1"),))
+    with pytest.raises(ConfigError, match=r"GB of it teacher features.*max_gb"):
+        build(tmp_path, teacher(), dataset, spec=spec)
