@@ -208,9 +208,14 @@ class DistillModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def student_losses(
-        self, batch: dict[str, Any], teachers: dict[str, TeacherTargets], gather: Gather
+        self,
+        batch: dict[str, Any],
+        teachers: dict[str, TeacherTargets],
+        gather: Gather,
+        epoch: float = 0.0,
     ) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
-        """(role, output, {metric suffix: term}) for every student on this batch."""
+        """(role, output, {metric suffix: term}) for every student on this batch; `epoch` is
+        the training progress (terms that warm up read it)."""
         labels = batch.get("labels")
         for role, student in self.students.items():
             groups = self.losses[role]
@@ -230,10 +235,21 @@ class DistillModule(pl.LightningModule):
                     gather,
                     student_layers=out.layers,
                     teacher_features=teacher.features if teacher else None,
+                    epoch=epoch,
                 )
                 for term, value in values.items():
                     terms[self._term_name(group, term)] = value
             yield role, out, terms
+
+    def epoch_progress(self, batch_idx: int) -> float:
+        """Training progress in epochs at this batch (1.5: halfway through the second), for
+        terms that warm up; the epoch count alone when the epoch length is unknown."""
+        if self._trainer is None:
+            return 0.0
+        batches = self.trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # inf for streamed data
+            return float(self.current_epoch)
+        return self.current_epoch + batch_idx / batches
 
     @staticmethod
     def _term_name(group: str, term: str) -> str:
@@ -258,7 +274,8 @@ class DistillModule(pl.LightningModule):
         total = None
         named: dict[str, Tensor] = {}
         if size:
-            for role, _, terms in self.student_losses(batch, teacher, distributed_gather):
+            progress = self.epoch_progress(batch_idx)
+            for role, _, terms in self.student_losses(batch, teacher, distributed_gather, progress):
                 for term, value in terms.items():
                     named[self._name("train", role, term)] = value
                 role_total = self.role_total(role, terms)
@@ -324,7 +341,9 @@ class DistillModule(pl.LightningModule):
         teacher = self.teacher_targets(batch, "val")
         labels = batch.get("labels")
         total = 0.0
-        for role, out, terms in self.student_losses(batch, teacher, local_gather):
+        # validation follows the epoch just trained: a warmed-up term counts as at its end
+        progress = float(self.current_epoch + 1)
+        for role, out, terms in self.student_losses(batch, teacher, local_gather, progress):
             total = total + self.role_total(role, terms)
             preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:

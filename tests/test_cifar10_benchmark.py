@@ -34,3 +34,19 @@ def test_smoke_protocol_writes_every_run_and_both_ratios(tmp_path):
     assert len(stores) == 2  # train (K views) + val
     report = (tmp_path / "RESULTS.md").read_text()
     assert "stored-view KD epoch / labels-only epoch" in report
+    # the methods rows reuse these runs (labels-only, stored KD) and add one per method
+    methods = [sys.executable, str(ROOT / "benchmarks" / "cifar10.py"), "--smoke"]
+    methods += ["--methods", "--timing", "--seeds", "0", "--out", str(tmp_path)]
+    subprocess.run([*methods, "--data-root", str(data)], check=True, cwd=tmp_path)
+    table = (tmp_path / "METHODS.md").read_text()
+    for label in ("FitNets hint", "attention transfer", "similarity-preserving", "DKD"):
+        assert label in table
+    saved = json.loads((tmp_path / "methods.json").read_text())
+    assert set(saved["timing_epoch_s"]) == {
+        "labels_only",
+        "kd_store",
+        "hint",
+        "attention",
+        "similarity",
+        "dkd",
+    }

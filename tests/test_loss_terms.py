@@ -307,3 +307,15 @@ def test_mmkd_layers_lists_each_models_layers_and_shapes(capsys) -> None:
     out = capsys.readouterr().out
     assert "student (audio_cnn): 2 layers" in out
     assert "block1" in out and "(8, 8, 26)" in out and "block2" in out
+
+
+def test_dkd_weight_ramps_up_over_its_warmup_epochs() -> None:
+    cfg = OmegaConf.structured(LossesCfg)
+    cfg.dkd.weight, cfg.dkd.warmup_epochs = 1.0, 2.0
+    loss = DistillLoss(cfg, 8, 8)
+    zs, zt = randn(6, 5, seed=12), randn(6, 5, seed=13)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    full = dkd_loss(zs, zt, y, 1.0, 8.0, 4.0)
+    for epoch, share in [(0.0, 0.0), (0.5, 0.25), (2.0, 1.0), (7.0, 1.0)]:
+        terms = loss(randn(6, 8, seed=1), zs, randn(6, 8, seed=2), zt, y, epoch=epoch)
+        assert terms["dkd"].item() == pytest.approx(share * full.item(), rel=1e-5, abs=1e-7)

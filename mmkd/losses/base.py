@@ -118,6 +118,7 @@ class TermInputs:
     student_layers: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)  # by FeatureTarget.name
     mapped_embedding: Tensor | None = None  # the student embedding in the teacher's space
+    epoch: float = 0.0  # training progress in epochs (fractional), for terms that warm up
 
 
 class LossTerm(nn.Module):

@@ -121,6 +121,8 @@ class DKDCfg:
     alpha: float = 1.0  # weight of TCKD (target vs the rest)
     beta: float = 8.0  # weight of NCKD (among the non-target classes); the paper's CIFAR value
     temperature: float = 4.0
+    # the term's weight ramps linearly from 0 over this many epochs (the paper: 20 of 240)
+    warmup_epochs: float = 0.0
 
 
 @register_term
@@ -131,7 +133,7 @@ class DKD(LossTerm):
     needs_full_logits = True  # NCKD needs every non-target class of the teacher
     student_outputs = frozenset({"logits"})
     positive = ("temperature",)
-    non_negative = ("alpha", "beta")
+    non_negative = ("alpha", "beta", "warmup_epochs")
 
     def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
@@ -141,7 +143,8 @@ class DKD(LossTerm):
         if inputs.labels is None:
             raise ValueError(f"losses.{self.name} needs labels but the batch has none")
         cfg = self.cfg
-        return dkd_loss(
+        ramp = min(inputs.epoch / cfg.warmup_epochs, 1.0) if cfg.warmup_epochs else 1.0
+        return ramp * dkd_loss(
             inputs.student_logits,
             inputs.teacher_logits,
             inputs.labels,

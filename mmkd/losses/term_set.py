@@ -86,6 +86,7 @@ class DistillLoss(nn.Module):
         gather: Gather = distributed_gather,
         student_layers: dict[str, Tensor] | None = None,
         teacher_features: dict[str, Tensor] | None = None,
+        epoch: float = 0.0,
     ) -> dict[str, Tensor]:
         """Unweighted terms by name; only the terms with a positive weight are computed."""
         mapped = student_embedding
@@ -101,6 +102,7 @@ class DistillLoss(nn.Module):
             student_layers=student_layers or {},
             teacher_features=teacher_features or {},
             mapped_embedding=mapped,
+            epoch=epoch,
         )
         return {name: term(inputs) for name, term in self.terms.items()}
 
