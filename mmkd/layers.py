@@ -29,6 +29,7 @@ def describe_layers(cfg: DictConfig) -> list[str]:
         if spec.head.classifier and spec.head.num_classes is None:
             spec.head.num_classes = 1
         model = build_adapter(spec, key=key)
+        model.check_features(list(spec.features), f"{key}.features")
         names = model.feature_names()
         lines.append(f"{key} ({spec.adapter}): {len(names)} layers")
         for name, shape in model.feature_shapes(names).items():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert set(COMMANDS) == {"train", "evaluate", "export", "pack"}
+    assert set(COMMANDS) == {"train", "evaluate", "export", "pack", "layers"}
     for name, command in COMMANDS.items():
         assert command.usage.startswith(f"mmkd {name}") and command.usage in out
 
@@ -35,6 +35,7 @@ def test_every_subcommand_reports_errors_in_one_line(tmp_path, capsys):
         ["train", "student.adpter=image"],
         ["evaluate", str(tmp_path)],
         ["export", str(tmp_path)],
+        ["layers", "student.features=[nope]"],
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
