@@ -422,12 +422,12 @@ class StoreBuilder:
         shapes = self.output_shapes()
         specs = self.array_specs(len(ids), shapes)
         total_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
+        features = sum(
+            int(np.prod(s)) * np.dtype(d).itemsize
+            for name, (s, d) in specs.items()
+            if name.startswith("feature.")
+        )
         if self.spec.max_gb is not None and total_bytes > self.spec.max_gb * 1e9:
-            features = sum(
-                int(np.prod(s)) * np.dtype(d).itemsize
-                for name, (s, d) in specs.items()
-                if name.startswith("feature.")
-            )
             detail = f", {features / 1e9:.2f} GB of it teacher features" if features else ""
             raise ConfigError(
                 f"distill.store.max_gb: the teacher store would take {total_bytes / 1e9:.2f} GB"
@@ -452,12 +452,13 @@ class StoreBuilder:
         todo = [c for c in mine if not self.chunk_done(partial, arrays, c)]
         if group.rank == 0:
             log.info(
-                "teacher store%s: %d samples x %d views, %.1f MB, in %s (%d processes; %d of "
-                "%d chunks left)",
+                "teacher store%s: %d samples x %d views, %.1f MB (%.1f MB of teacher features), "
+                "in %s (%d processes; %d of %d chunks left)",
                 self.label,
                 len(ids),
                 self.spec.views,
                 total_bytes / 1e6,
+                features / 1e6,
                 folder,
                 group.world,
                 len(todo),

@@ -138,8 +138,7 @@ class LossTerm(nn.Module):
 
     def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.ctx = ctx
+        self.cfg = cfg  # the models in `ctx` are only read here, never kept (no references)
 
     @classmethod
     def check(cls, cfg: DictConfig, key: str) -> None:
