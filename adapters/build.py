@@ -24,8 +24,10 @@ def weights_file(weights: str) -> Path:
 
 def load_export_spec(folder: str | Path) -> DictConfig:
     """The adapter spec of an exported model folder, with its asset paths made absolute."""
+    from mmkd.config.compose import register_resolvers
     from mmkd.config.schema import ADAPTER_SECTIONS, AdapterSpec
 
+    register_resolvers()  # the defaults of sections an export omits may use ${package_dir:...}
     folder = Path(folder)
     spec_file = folder / EXPORT_SPEC
     if not spec_file.is_file():

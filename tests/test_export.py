@@ -95,3 +95,23 @@ def test_reload_in_a_few_lines_classifies_raw_samples(run_dir):
 def test_export_of_a_missing_run_fails_cleanly(tmp_path, capsys):
     assert mmkd_main(["export", str(tmp_path), "--format", "onnx"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_an_export_loads_in_a_fresh_process(tmp_path):
+    """No config composed first: the defaults of the sections an export omits still resolve."""
+    import subprocess
+    import sys
+
+    from tiny import tiny_spec
+
+    from mmkd.adapters import build_adapter
+    from mmkd.export import export_model
+
+    model = build_adapter(tiny_spec("audio_cnn"), key="student")
+    export_model(model, tmp_path / "student", class_names=["a", "b", "c"])
+    code = (
+        "from mmkd.export import load_exported; "
+        f"print(load_exported({str(tmp_path / 'student')!r}).model.modality)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "audio"
