@@ -219,7 +219,6 @@ class LayerPairTerm(LossTerm):
     checked when it is built (start-up), listing the valid names on a typo."""
 
     reduce: ClassVar[str] = "none"
-    student_outputs = frozenset()
     needs_spatial: ClassVar[bool] = False
     same_spatial_rank: ClassVar[bool] = False
 
