@@ -41,6 +41,7 @@ def main() -> int:
     )
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     common = [
         f"trainer.accelerator={args.accelerator}",
@@ -76,6 +77,8 @@ def main() -> int:
                 train(compose([*base, *common, *extra, f"run.dir={run_dir}"]))
                 results.setdefault(name, {})[mode] = samples_per_s(run_dir)
     print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
