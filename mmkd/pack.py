@@ -279,6 +279,8 @@ def resume_state(
     for path in existing:  # shards written after the last finished one are written again
         if path.name not in names:
             path.unlink()
+    for path in out_dir.glob(f".{prefix}-*.tar.*.tmp"):  # a killed run's half-written shard
+        path.unlink()
     return state
 
 

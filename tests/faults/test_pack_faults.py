@@ -135,3 +135,32 @@ def test_class_folder_without_usable_files_is_refused(tmp_path, media):
     media.raw("src/c/notes.txt", b"not a sample")
     with pytest.raises(ConfigError, match=r"class folder .*src/c holds no image or audio file"):
         pack(tmp_path / "src", tmp_path / "out", progress=False)
+
+
+@pytest.mark.slow
+def test_sigkilled_pack_command_resumes_to_the_same_shards(tmp_path, media):
+    """A real SIGKILL of `mmkd pack` (no cleanup runs): training refuses the folder, and the
+    same command again finishes it, leaving the shards of an uninterrupted pack and no debris."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    class_folder(media, "src", ["a", "b", "c", "d"], per_class=60)
+    pack(tmp_path / "src", tmp_path / "whole", shard_size=8, progress=False)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mmkd.cli", "pack", str(tmp_path / "src"), str(out)]
+    command += ["--shard-size", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("src-*.tar"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (out / "src.packing.json").is_file() and not (out / "shards.json").exists()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == whole  # no .tmp, no packing file left
+    for name in whole:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
