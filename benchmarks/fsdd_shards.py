@@ -61,7 +61,7 @@ def pack_all(manifests: dict[str, Path], shards: Path) -> None:
         subprocess.run(command, check=True)
 
 
-def holdout_classes(shards: Path, manifest: Path) -> list[dict[str, int]]:
+def holdout_classes(shards: Path) -> list[dict[str, int]]:
     """Digits of each shard data.webdataset.val=null would hold out of the train shards."""
     train = expand_shards(str(shards / "train-*.tar"), "train")
     n_val = min(len(train) - 1, max(1, round(len(train) * 0.1)))
@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fsdd_shards")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--only", nargs="*", default=["files", "shards", "ddp"])
+    parser.add_argument(
+        "--only", nargs="*", default=["files", "shards", "ddp", "ddp_files", "ddp_global64"]
+    )
     args = parser.parse_args()
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,9 +118,36 @@ def main() -> None:
         "files": [*base, f"trainer.max_epochs={args.epochs}"],
         "shards": [*base, *webdataset, f"trainer.max_epochs={args.epochs}"],
         "ddp": [*base, *webdataset, "trainer=ddp_cpu", f"trainer.max_epochs={args.epochs}"],
+        # controls for the DDP row: 2 processes x batch 64 take half the optimizer steps of
+        # 1 process x 64; the same from the files, and the shards at the same global batch
+        "ddp_files": [*base, "trainer=ddp_cpu", f"trainer.max_epochs={args.epochs}"],
+        "ddp_global64": [
+            *base,
+            *webdataset,
+            "trainer=ddp_cpu",
+            "data.batch_size=32",
+            f"trainer.max_epochs={args.epochs}",
+        ],
     }
     results = {name: accuracy(run(name, runs[name], out)) for name in args.only}
-    held = holdout_classes(shards, manifests["train"])
+    held = holdout_classes(shards)
+    holdout = {}  # val=null on 100-sample shards of the sorted train manifest: shuffled or not
+    for mode, extra in (
+        ("seeded shuffle (default)", []),
+        ("source order (--keep-order)", ["--keep-order"]),
+    ):
+        folder = out / "holdout" / ("sorted" if extra else "mixed")
+        if not (folder / "shards.json").is_file():
+            command = [
+                sys.executable,
+                "-m",
+                "mmkd.cli",
+                "pack",
+                str(manifests["train"]),
+                str(folder),
+            ]
+            subprocess.run([*command, "--shard-size", "100", *extra], check=True)
+        holdout[mode] = holdout_classes(folder)
     lines = [
         "# FSDD supervised: files vs shards packed from a class-sorted manifest",
         "",
@@ -130,6 +159,10 @@ def main() -> None:
         *(f"| {name} | {acc:.3f} |" for name, acc in results.items()),
         "",
         f"Shards held out by data.webdataset.val=null (digit: samples): {held}",
+        "",
+        "data.webdataset.val=null on the same train manifest packed with --shard-size 100 "
+        "(21 shards, 2 held out), digit: samples of each held-out shard:",
+        *(f"- {mode}: {classes}" for mode, classes in holdout.items()),
     ]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

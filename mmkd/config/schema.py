@@ -110,6 +110,9 @@ class WebDatasetCfg:
     class_names: Optional[List[str]] = None
     # read shards of a folder holding an unfinished `mmkd pack` (PREFIX.packing.json) anyway
     allow_incomplete: bool = False
+    # refuse a sample id found in train and in given val / test shards (reads every tar header
+    # once at start-up: about 0.5 ms per sample on a loaded 2-core machine; see the README)
+    check_overlap: bool = True
 
 
 @dataclass

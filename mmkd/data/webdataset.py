@@ -531,7 +531,7 @@ def build_webdataset(cfg: DictConfig) -> DatasetSplits:
             log.warning("data.webdataset.%s: names the train shards themselves", split)
             continue
         separate[split] = urls
-    if len(separate) > 1:
+    if len(separate) > 1 and w.check_overlap:
         check_disjoint(separate)
     class_names = class_names_of(cfg, train)
     decoder = SampleDecoder(class_names, cfg.on_error)
