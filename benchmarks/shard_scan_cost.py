@@ -41,7 +41,8 @@ def main() -> None:
     check_s = time.perf_counter() - start
     print(
         f"{counted} train + 5000 val samples: overlap check {check_s:.1f} s "
-        f"({check_s / (counted + 5000) * 1e3:.2f} ms a sample); counting pass (train) {count_s:.1f} s"
+        f"({check_s / (counted + 5000) * 1e3:.2f} ms a sample); "
+        f"counting pass (train) {count_s:.1f} s"
     )
 
 
