@@ -364,7 +364,7 @@ def pack(
     shards = {shard["name"]: shard["samples"] for shard in state["done"]}
     if not shards:
         raise DataError(f"SOURCE: {source} gave no usable sample ({skipped} skipped)")
-    write_index(out_dir, state["done"], src.class_names)  # last: it marks the pack complete
+    write_index(out_dir, shards, src.class_names)  # last: it marks the pack complete
     packing_path(out_dir, prefix).unlink()
     return Packed(shards, skipped, src.class_names, resumed)
 
@@ -377,14 +377,12 @@ def merged_class_names(old: Sequence[str], new: Sequence[str]) -> list[str]:
     return [*new, *(name for name in old if name not in set(new))]
 
 
-def write_index(
-    out_dir: Path, shards: Sequence[dict[str, Any]], class_names: Sequence[str]
-) -> None:
-    """Add these shards and class names to OUT_DIR/shards.json (written atomically)."""
+def write_index(out_dir: Path, shards: dict[str, int], class_names: Sequence[str]) -> None:
+    """Add these shards (name -> samples) and class names to OUT_DIR/shards.json (atomically)."""
     index = read_index(out_dir)
     entries = index.get("shards", {})
-    for shard in shards:
-        entries[shard["name"]] = {"samples": shard["samples"], "bytes": shard["bytes"]}
+    for name, samples in shards.items():
+        entries[name] = {"samples": samples, "bytes": (out_dir / name).stat().st_size}
     names = merged_class_names(index.get("class_names", []), class_names)
     write_json(out_dir / INDEX_NAME, {"format": 1, "shards": entries, "class_names": names})
 
