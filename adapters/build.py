@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmkd.errors import CheckpointError
+from mmkd.errors import CheckpointError, ConfigError
 from mmkd.io import load_state_file
 
 from . import register_builtins
@@ -48,6 +49,8 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     register_builtins()
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
     adapter = adapter_cls(spec, key=key)
+    if not adapter_cls.__module__.startswith("mmkd."):  # a plugin: its encoder is unchecked
+        probe_encoder(adapter, key)
     if spec.weights:
         path = weights_file(spec.weights)
         state = load_state_file(path)
@@ -68,3 +71,31 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     if spec.freeze_encoder:
         adapter.freeze_encoder()
     return adapter
+
+
+@torch.no_grad()
+def probe_encoder(adapter: Adapter, key: str) -> None:
+    """Run the encoder once on `example_batch(2)` (eval mode, restored after) and check it gives
+    pooled features (2, feature_dim), as `build_encoder` declared: a plugin whose encoder does
+    not fails here, in one line naming it, not deep inside the first training step."""
+    name = f"{key}.adapter: {adapter.spec.adapter} ({type(adapter).__name__})"
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        features = adapter.encode(adapter.example_batch(2))
+    except Exception as err:  # the plugin's own code: report it in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(
+            f"{name}: its encoder fails on example_batch(2) ({type(err).__name__}: {first})"
+        ) from None
+    finally:
+        adapter.train(was_training)
+    expected = (2, adapter.feature_dim)
+    if not isinstance(features, torch.Tensor):
+        raise ConfigError(f"{name}: encode() returned {type(features).__name__}, not a Tensor")
+    if tuple(features.shape) != expected:
+        rank = "" if features.ndim == 2 else f" (rank {features.ndim}; pooled features are (B, F))"
+        raise ConfigError(
+            f"{name}: encode() gives features of shape {tuple(features.shape)}{rank}, but "
+            f"build_encoder declared a feature size of {adapter.feature_dim}: expected {expected}"
+        )

@@ -96,7 +96,7 @@ def better_than(a: Sequence[float], b: Sequence[float]) -> tuple[str, str]:
     difference = statistics.fmean(a) - statistics.fmean(b)
     noise = standard_error_of_difference(a, b)
     if noise is None:
-        return f"{difference:+.4f}", "no noise estimate (1 seed)"
+        return f"{difference:+.4f}", "unknown: one seed cannot estimate the noise"
     value = f"{difference:+.4f} (s.e. {noise:.4f})"
     tolerance = 5e-5  # means equal at the reported 4 decimals (e.g. float32 0.996) are no loss
     if difference > noise + tolerance:

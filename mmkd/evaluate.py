@@ -54,8 +54,8 @@ def evaluate_models(
     """Metrics (and, with `out_dir`, plots) of `models` on `loader`. Used after training and by
     the command line, so a run's metrics.json and a later evaluation share their keys."""
     collected = collect(models, loader, class_embeddings, device)
-    teacher_role = "teacher" if "teacher" in models else None
-    metrics = compute_metrics(collected, len(class_names), teacher_role)
+    teachers = [role for role in models if role == "teacher" or role.startswith("teacher_")]
+    metrics = compute_metrics(collected, len(class_names), teachers)
     if out_dir is not None:
         plot_evaluation(collected, class_names, out_dir)
     metrics.update(model_costs(models, collected, latency_seconds))

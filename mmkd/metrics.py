@@ -5,7 +5,7 @@ retrieval R@K and mAP, parameters and CPU latency. No plotting and no command li
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,9 +98,12 @@ def retrieval_metrics(
     return out
 
 
-def retrieval_pairs(collected: Collected, teacher_role: str | None) -> list[tuple[str, str]]:
-    """(query, gallery) role pairs of different modalities that share an embedding space."""
-    roles = [r for r in collected.embeddings if r != teacher_role]
+def retrieval_pairs(
+    collected: Collected, teacher_roles: Sequence[str] = ("teacher",)
+) -> list[tuple[str, str]]:
+    """(query, gallery) role pairs of different modalities that share an embedding space
+    (students only: teachers are compared through their own metrics)."""
+    roles = [r for r in collected.embeddings if r not in teacher_roles]
     pairs = []
     for query in roles:
         for gallery in roles:
@@ -113,28 +116,48 @@ def retrieval_pairs(collected: Collected, teacher_role: str | None) -> list[tupl
     return pairs
 
 
+def teacher_metrics(collected: Collected, teacher_roles: Sequence[str]) -> dict[str, float]:
+    """ROLE/T_agreement (same predicted class) and ROLE/T_cosine (embedding cosine) of every
+    student ROLE against every teacher role T: "teacher" for the one-teacher shorthand (keys
+    ROLE/teacher_agreement), "teacher_NAME" for teachers.NAME (ROLE/teacher_NAME_agreement)."""
+    metrics: dict[str, float] = {}
+    for teacher in teacher_roles:
+        teacher_emb = collected.embeddings.get(teacher)
+        if teacher_emb is None:
+            continue
+        for role, emb in collected.embeddings.items():
+            if role in teacher_roles:
+                continue
+            if role in collected.scores and teacher in collected.scores:
+                same = collected.scores[role].argmax(-1) == collected.scores[teacher].argmax(-1)
+                metrics[f"{role}/{teacher}_agreement"] = float(same.float().mean())
+            if emb.shape[1] == teacher_emb.shape[1]:
+                cosine = F.cosine_similarity(emb, teacher_emb).mean()
+                metrics[f"{role}/{teacher}_cosine"] = float(cosine)
+    return metrics
+
+
 def compute_metrics(
-    collected: Collected, num_classes: int, teacher_role: str | None = "teacher"
+    collected: Collected,
+    num_classes: int,
+    teacher_roles: Sequence[str] | str | None = ("teacher",),
 ) -> dict[str, float]:
     """Flat metric keys: ROLE/accuracy|precision|recall|f1, ROLE/teacher_agreement,
-    ROLE/teacher_cosine, retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
+    ROLE/teacher_cosine (ROLE/teacher_NAME_... for named teachers),
+    retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
+    if teacher_roles is None:
+        teacher_roles = ()
+    elif isinstance(teacher_roles, str):
+        teacher_roles = (teacher_roles,)
     metrics: dict[str, float] = {"data/skipped_samples": float(collected.skipped)}
     labels = collected.labels
     if labels is not None and num_classes:
         for role, scores in collected.scores.items():
             for name, value in classification_metrics(scores, labels, num_classes).items():
                 metrics[f"{role}/{name}"] = value
-    teacher_emb = collected.embeddings.get(teacher_role) if teacher_role else None
-    for role, emb in collected.embeddings.items():
-        if role == teacher_role or teacher_emb is None:
-            continue
-        if role in collected.scores and teacher_role in collected.scores:
-            same = collected.scores[role].argmax(-1) == collected.scores[teacher_role].argmax(-1)
-            metrics[f"{role}/teacher_agreement"] = float(same.float().mean())
-        if emb.shape[1] == teacher_emb.shape[1]:
-            metrics[f"{role}/teacher_cosine"] = float(F.cosine_similarity(emb, teacher_emb).mean())
+    metrics.update(teacher_metrics(collected, teacher_roles))
     if labels is not None:
-        for query, gallery in retrieval_pairs(collected, teacher_role):
+        for query, gallery in retrieval_pairs(collected, teacher_roles):
             name = f"{collected.modalities[query]}_to_{collected.modalities[gallery]}"
             found = retrieval_metrics(
                 collected.embeddings[query], collected.embeddings[gallery], labels, labels

@@ -95,6 +95,8 @@ def plot_embedding_space(
         by_dim[emb.shape[1]].append(role)
     roles = max(by_dim.values(), key=len)
     stacked = torch.cat([collected.embeddings[r][:max_points] for r in roles])
+    if min(stacked.shape) < 2:  # a 2-D projection needs 2 points and 2 dimensions
+        return None
     centred = stacked - stacked.mean(0)
     _, _, v = torch.pca_lowrank(centred, q=2, center=False)
     points = (centred @ v[:, :2]).split(

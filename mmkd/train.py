@@ -29,6 +29,7 @@ from mmkd.checkpoint import CheckpointOnInterrupt, SafeCheckpointIO
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
+from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
@@ -160,6 +161,8 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     datamodule = DistillDataModule(
         cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
     )
+    if cfg.data.check_eval_data:  # a bad val / test file fails now, not after an epoch
+        check_decodes([("val", datamodule.val_set), ("test", datamodule.test_set)])
     interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, [interrupt, *callbacks])
     if trainer.is_global_zero:

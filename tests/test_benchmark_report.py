@@ -40,7 +40,7 @@ def test_combined_standard_error():
         ([0.9862, 0.9858, 0.9866], [0.9828, 0.9804, 0.9852], "yes"),  # +0.0034, s.e. 0.0014
         ([0.90, 0.95, 0.85], [0.89, 0.94, 0.86], "within noise"),  # +0.0033, s.e. 0.057
         ([0.80, 0.81, 0.82], [0.90, 0.91, 0.92], "**no**"),
-        ([0.91], [0.80], "no noise estimate (1 seed)"),
+        ([0.91], [0.80], "unknown: one seed cannot estimate the noise"),
     ],
 )
 def test_better_than_is_met_only_beyond_the_noise(a, b, verdict):

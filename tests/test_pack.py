@@ -71,14 +71,14 @@ def test_bad_samples_are_named_or_skipped_and_counted(tmp_path, media, capsys):
     media.raw("src/cat/9.png", b"broken")
     with pytest.raises(DataError, match=r"src/cat/9\.png cannot be decoded"):
         pack(tmp_path / "src", tmp_path / "out", shard_size=2, progress=False)
-    # shards finished before the failure are complete; no half-written shard is left
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "src-000000.tar",
-        "src-000001.tar",
-    ]
+    # the shards finished before the failure stay, no half-written shard is left, and the pack
+    # is marked unfinished (no shards.json: that is written last)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "src.packing.json" in left and "shards.json" not in left
+    assert all(name.endswith(".tar") for name in left if name != "src.packing.json")
     code = cli_main(["pack", str(tmp_path / "src"), str(tmp_path / "out2"), "--on-error", "skip"])
     assert code == 0
     out = capsys.readouterr().out
     assert "packed 4 samples into 1 shard(s)" in out and "(1 skipped" in out
     refused = cli_main(["pack", str(tmp_path / "src"), str(tmp_path / "out2")])
-    assert refused == 2 and "already holds src-*.tar" in capsys.readouterr().err
+    assert refused == 2 and "already holds src-*.tar a finished pack" in capsys.readouterr().err

@@ -30,15 +30,17 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(folder: Path, sizes: list[int], prefix: str = "train") -> list[str]:
-    """Shards of tiny samples (png + txt + cls); keys name their shard and index."""
+def write_shards(
+    folder: Path, sizes: list[int], prefix: str = "train", tag: str = "s"
+) -> list[str]:
+    """Shards of tiny samples (png + txt + cls); keys (TAG SHARD _ INDEX) name shard and index."""
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for shard, size in enumerate(sizes):
         path = folder / f"{prefix}-{shard:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
             for i in range(size):
-                key = f"s{shard}_{i}"
+                key = f"{tag}{shard}_{i}"
                 label = CLASSES[(shard + i) % 3]
                 sink.write({"__key__": key, "png": png(shard * 1000 + i), "txt": key, "cls": label})
         urls.append(str(path))
@@ -169,7 +171,7 @@ def test_resume_continues_with_the_remaining_batches_without_reopening_done_shar
 
 def test_raw_samples_and_modalities_from_a_folder(tmp_path, data_cfg):
     write_shards(tmp_path / "train", [4, 4, 4])
-    write_shards(tmp_path / "test", [3], prefix="test")
+    write_shards(tmp_path / "test", [3], prefix="test", tag="t")
     cfg = data_cfg(
         "webdataset",
         webdataset={
@@ -183,8 +185,8 @@ def test_raw_samples_and_modalities_from_a_folder(tmp_path, data_cfg):
     assert splits.class_names == CLASSES
     assert len(splits.train) + len(splits.val) == 12 and len(splits.test) == 3
     sample = next(iter(splits.test))
-    assert sample["id"] == "s0_0" and sample["text"] == "s0_0" and sample["label"] == 0
-    assert sample["where"].endswith("test-000000.tar sample s0_0")
+    assert sample["id"] == "t0_0" and sample["text"] == "t0_0" and sample["label"] == 0
+    assert sample["where"].endswith("test-000000.tar sample t0_0")
     assert np.asarray(sample["image"]).shape == (6, 6, 3)
 
 

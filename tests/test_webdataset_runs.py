@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shard_overrides(folder: Path) -> list[str]:
     write_shards(folder / "train", [7, 5, 9, 1, 2])  # uneven: whole shards cannot balance 2 ranks
-    write_shards(folder / "val", [4, 2], prefix="val")
+    write_shards(folder / "val", [4, 2], prefix="val", tag="v")  # keys of their own
     return [
         "teacher=none",
         "losses=supervised",

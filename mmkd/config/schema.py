@@ -108,6 +108,11 @@ class WebDatasetCfg:
     # class names, in index order; None: those `mmkd pack` recorded in the shards' shards.json.
     # A sample's .cls holds a class name, or an integer index into these names
     class_names: Optional[List[str]] = None
+    # read shards of a folder holding an unfinished `mmkd pack` (PREFIX.packing.json) anyway
+    allow_incomplete: bool = False
+    # refuse a sample id found in train and in given val / test shards (reads every tar header
+    # once at start-up: about 0.5 ms per sample on a loaded 2-core machine; see the README)
+    check_overlap: bool = True
 
 
 @dataclass
@@ -185,6 +190,8 @@ class DataCfg:
     # text prompt per class: for the text side of paired data and zero-shot evaluation
     prompt_template: str = "{name}"
     on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
+    # decode every validation and test sample at start-up, so a bad file fails before training
+    check_eval_data: bool = True
     options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin datasets
     demo: DemoCfg = field(default_factory=DemoCfg)
     manifest: ManifestCfg = field(default_factory=ManifestCfg)

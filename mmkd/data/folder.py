@@ -116,6 +116,13 @@ def index_folder(
         raise ConfigError(f"{key}: {root} holds no image or audio files")
     if modality is not None and found[0] != modality:
         raise ConfigError(f"{key}: {root} holds {found[0]} files, the train folder {modality}")
+    used = {label for _, label in items}
+    empty = [name for name in files if names.index(name) not in used]
+    if empty:
+        raise ConfigError(
+            f"{key}: class folder {root / empty[0]} holds no {found[0]} file (a class with no "
+            "samples); remove the folder or add its files"
+        )
     if ignored:
         shown = ", ".join(f"{ext} ({n})" for ext, n in ignored.most_common())
         count = sum(ignored.values())

@@ -24,13 +24,19 @@ The resumed epoch yields exactly the samples, in the order, of the uninterrupted
 the world size, `data.num_workers`, `data.batch_size`, `data.webdataset.*`, `run.seed` and the
 shards are unchanged.
 
-Shard sizes come from `shards.json` beside the shards (written by `mmkd pack`; checked against
-each shard's byte size) or, failing that, from counting the members of each shard at start-up.
+Shard sizes come from `shards.json` beside the shards (written by `mmkd pack`), or, for a shard it
+does not list, from counting the members of the shard at start-up. A recorded count is what the
+shard must deliver: a shard whose byte size differs from the record is refused at start-up (or,
+under data.on_error=skip, read, its missing samples counted as skipped), and a shard that ends
+early while being read raises or counts its missing samples the same way. Shards of a folder
+holding an unfinished `mmkd pack` (PREFIX.packing.json) are refused unless
+data.webdataset.allow_incomplete.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import io
 import json
 import logging
@@ -55,6 +61,7 @@ from mmkd.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+PACKING_SUFFIX = ".packing.json"  # PREFIX.packing.json: an unfinished `mmkd pack` of PREFIX
 INDEX_NAME = "shards.json"  # {"shards": {NAME.tar: {"samples": n, "bytes": size}}, "class_names"}
 EXTENSIONS = {  # modality -> the file extensions that carry it, in order of preference
     "image": ("jpg", "jpeg", "png", "webp"),
@@ -70,8 +77,19 @@ def is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
+def local_matches(pattern: str, key: str) -> list[str]:
+    """The files a glob pattern (`*`, `?`, `[...]`) names, sorted; the pattern itself if none."""
+    if not glob.has_magic(pattern):
+        return [pattern]
+    found = sorted(p for p in glob.glob(str(Path(pattern).expanduser())) if Path(p).is_file())
+    if not found:
+        raise ConfigError(f"{key}: no shard matches {pattern}")
+    return found
+
+
 def expand_shards(spec: Any, key: str) -> list[str]:
-    """The shard URLs / absolute paths of a brace pattern, a list, or a folder of .tar files."""
+    """The shard URLs / absolute paths of a brace or glob pattern, a list, or a folder of .tar
+    files."""
     items = list(spec) if isinstance(spec, list | tuple | ListConfig) else [spec]
     urls: list[str] = []
     for item in map(str, items):
@@ -83,12 +101,14 @@ def expand_shards(spec: Any, key: str) -> list[str]:
             urls.extend(str(path.absolute()) for path in found)
             continue
         for url in wds.shardlists.expand_urls(item):
-            if not is_url(url):
-                path = Path(url).expanduser()
+            if is_url(url):
+                urls.append(url)
+                continue
+            for match in local_matches(url, key):
+                path = Path(match).expanduser()
                 if not path.is_file():
                     raise ConfigError(f"{key}: shard {path} not found")
-                url = str(path.absolute())
-            urls.append(url)
+                urls.append(str(path.absolute()))
     if not urls:
         raise ConfigError(f"{key}: names no shards")
     repeated = sorted({url for url in urls if urls.count(url) > 1})
@@ -110,12 +130,13 @@ def read_index(folder: Path) -> dict[str, Any]:
     return index if isinstance(index, dict) else {}
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard, grouped as webdataset groups them (consecutive members sharing a
-    key). Local shards are scanned header by header, without reading the files in them."""
+def shard_keys(url: str) -> Iterator[str]:
+    """The sample keys of one shard, grouped as webdataset groups them (consecutive members
+    sharing a key). Local shards are scanned header by header, without reading the files."""
     if is_url(url):
-        return sum(1 for _ in wds.tariterators.tarfile_samples([{"url": url}]))
-    count, last = 0, None
+        yield from (s["__key__"] for s in wds.tariterators.tarfile_samples([{"url": url}]))
+        return
+    last = None
     try:
         with tarfile.open(url) as tar:
             for member in tar:
@@ -123,15 +144,40 @@ def count_samples(url: str) -> int:
                     continue
                 prefix, _ = wds.tariterators.base_plus_ext(member.name)
                 if prefix is not None and prefix != last:
-                    count, last = count + 1, prefix
+                    last = prefix
+                    yield prefix
                 tar.members = []  # keep memory flat on large shards
     except (OSError, tarfile.TarError) as err:
         raise DataError(f"shard {url}: cannot be read ({err})") from None
-    return count
 
 
-def shard_sizes(urls: Sequence[str]) -> list[int]:
-    """Samples per shard: from each folder's shards.json when it matches the file, else counted."""
+def count_samples(url: str) -> int:
+    """Samples in one shard (see `shard_keys`)."""
+    return sum(1 for _ in shard_keys(url))
+
+
+def check_disjoint(splits: dict[str, list[str]]) -> None:
+    """Refuse a sample id (shard key) found in two of the splits' shards (train / val / test).
+    Costs one pass over the tar headers of the shards (no file is read)."""
+    seen: dict[str, str] = {}
+    for split, urls in splits.items():
+        mine: set[str] = set()
+        for url in urls:
+            for key in shard_keys(url):
+                other = seen.get(key)
+                if other is not None:
+                    raise ConfigError(
+                        f"data.webdataset.{split}: sample {key!r} ({url}) is also in the "
+                        f"{other} shards; the splits must not share samples"
+                    )
+                mine.add(key)
+        seen.update(dict.fromkeys(mine, split))
+
+
+def shard_sizes(urls: Sequence[str], on_error: str = "raise") -> list[int]:
+    """Samples per shard: as recorded in each folder's shards.json, else counted. A shard whose
+    byte size differs from the record is damaged or changed: DataError, or under
+    on_error=skip the recorded count stands and the reader counts what is missing."""
     indexes: dict[Path, dict[str, Any]] = {}
     sizes, counted = [], 0
     for url in urls:
@@ -141,7 +187,14 @@ def shard_sizes(urls: Sequence[str]) -> list[int]:
             index = indexes.setdefault(path.parent, read_index(path.parent))
             entry = index.get("shards", {}).get(path.name)
             if entry is not None and entry.get("bytes") != path.stat().st_size:
-                entry = None  # the shard changed since it was indexed
+                problem = (
+                    f"shard {url}: {path.stat().st_size} bytes, but {INDEX_NAME} recorded "
+                    f"{entry.get('bytes')} ({entry['samples']} samples): damaged or changed "
+                    "since it was packed"
+                )
+                if on_error != "skip":
+                    raise DataError(f"{problem}; pack it again (or data.on_error=skip)")
+                log.warning("%s; its missing samples will be counted as skipped", problem)
         if entry is None:
             counted += 1
             sizes.append(count_samples(url))
@@ -150,6 +203,21 @@ def shard_sizes(urls: Sequence[str]) -> list[int]:
     if counted:
         log.info("webdataset: counted the samples of %d shard(s) without an index", counted)
     return sizes
+
+
+def check_complete(urls: Sequence[str], key: str) -> None:
+    """Refuse shards of an unfinished `mmkd pack` (its PREFIX.packing.json is beside them)."""
+    for url in urls:
+        if is_url(url):
+            continue
+        path = Path(url)
+        prefix = path.name.rsplit("-", 1)[0]
+        marker = path.parent / f"{prefix}{PACKING_SUFFIX}"
+        if marker.is_file():
+            raise ConfigError(
+                f"{key}: {path} belongs to an unfinished `mmkd pack` ({marker} is there): rerun "
+                "that pack to finish it, or set data.webdataset.allow_incomplete=true"
+            )
 
 
 class SampleDecoder:
@@ -358,7 +426,7 @@ class ShardStream(IterableDataset):
             if problem is None and got < count:
                 problem = (
                     f"shard {url}: ended after {piece.start + got} samples, but "
-                    f"{self.sizes[piece.shard]} were counted (changed since?)"
+                    f"{self.sizes[piece.shard]} were expected (damaged or changed since?)"
                 )
             if problem is not None:
                 if self.decoder.on_error != "skip":
@@ -451,9 +519,29 @@ def build_webdataset(cfg: DictConfig) -> DatasetSplits:
         val = [url for i, url in enumerate(train) if i in held]
         train = [url for i, url in enumerate(train) if i not in held]
     test = expand_shards(w.test, "data.webdataset.test") if w.test is not None else val
+    if not w.allow_incomplete:
+        for split, urls in (("train", train), ("val", val), ("test", test)):
+            check_complete(urls, f"data.webdataset.{split}")
+    separate = {"train": train}
+    for split, given in (("val", w.val is not None), ("test", w.test is not None)):
+        urls = val if split == "val" else test
+        if not given:  # held out of train (whole shards), or the validation split again
+            continue
+        if set(urls) == set(train):  # the train shards named on purpose (a fit check)
+            log.warning("data.webdataset.%s: names the train shards themselves", split)
+            continue
+        separate[split] = urls
+    if len(separate) > 1 and w.check_overlap:
+        check_disjoint(separate)
     class_names = class_names_of(cfg, train)
     decoder = SampleDecoder(class_names, cfg.on_error)
     sample = first_sample(train)
+    if class_names is None and LABEL_EXT in sample:
+        raise ConfigError(
+            f"data.webdataset.class_names: the shards' samples have .{LABEL_EXT} labels but no "
+            f"{INDEX_NAME} beside them records the class names; set data.webdataset.class_names "
+            "to the names in class-index order"
+        )
     modalities = tuple(m for m, exts in EXTENSIONS.items() if any(e in sample for e in exts))
     if not modalities:
         found = sorted(k for k in sample if not k.startswith("__"))
@@ -465,7 +553,7 @@ def build_webdataset(cfg: DictConfig) -> DatasetSplits:
     def stream(urls: list[str], train_split: bool = False) -> ShardStream:
         return ShardStream(
             urls,
-            shard_sizes(urls),
+            shard_sizes(urls, cfg.on_error),
             decoder,
             shuffle_shards=w.shuffle_shards and train_split,
             shuffle_buffer=w.shuffle_buffer if train_split else 0,
