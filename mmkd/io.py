@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmkd.errors import CheckpointError
+from mmkd.errors import CheckpointError, DiskSpaceError
 
 
 def _umask() -> int:
@@ -98,3 +98,18 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def check_free_space(path: str | Path, needed: int, what: str) -> None:
+    """DiskSpaceError, in one line naming `path` and the bytes needed, when the disk `path` is
+    on (its folder, if it does not exist yet) has fewer than `needed` bytes free."""
+    path = Path(path)
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{what} {path}: not enough disk space: {needed:,} bytes needed, {free:,} free on "
+            "that disk; free some space or write elsewhere"
+        )
