@@ -152,7 +152,7 @@ class StoredTeacher:
                 label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))
-            self.stores[split] = TeacherStore.open(folder)
+            self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
             if seconds is not None:
                 self.build_seconds[split] = seconds
         if self.build_seconds and trainer.logger is not None:
