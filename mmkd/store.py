@@ -353,7 +353,7 @@ class TeacherStore:
             path = folder / f"{name}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 raise CheckpointError(
                     f"teacher store {path}: unreadable or truncated ({err})"
                 ) from None
@@ -626,7 +626,7 @@ class StoreBuilder:
                 if array.shape != shape or array.dtype != np.dtype(dtype):
                     raise ValueError("other shape")
                 reusable[name] = array
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 pass
         new = {name: spec for name, spec in specs.items() if name not in reusable}
         needed = sum(int(np.prod(s)) * np.dtype(d).itemsize + 4096 for s, d in new.values())

@@ -46,7 +46,7 @@ from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
-from mmkd.teacher_source import fit_view_policy, teacher_role
+from mmkd.teacher_source import check_student_views, fit_view_policy, teacher_role
 
 log = logging.getLogger("mmkd")
 
@@ -166,6 +166,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     }
     fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
+    check_student_views([source for _, source in used], students)
     datamodule = DistillDataModule(
         cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
     )

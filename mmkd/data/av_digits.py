@@ -14,6 +14,7 @@ when its digit has fewer images than needed. `data.mnist.split` is not used.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -77,6 +78,10 @@ class AvDigitsDataset(SafeDataset):
     def sample_id(self, index: int) -> str:
         clip, images, image = self.pairs[index]
         return f"{self.audio.sample_id(clip)}+{images.sample_id(image)}"
+
+    def sample_files(self, index: int) -> list[Path]:
+        """The audio file of the pair (MNIST images are read from memory)."""
+        return self.audio.sample_files(self.pairs[index][0])
 
     def load(self, index: int) -> RawSample:
         clip, images, image = self.pairs[index]

@@ -109,6 +109,10 @@ class FsddDataset(SafeDataset):
             "text": self.prompts[clip.digit],
         }
 
+    def sample_files(self, index: int) -> list[Path]:
+        """The files sample `index` is read from (the teacher store keys their identity)."""
+        return [self.clips[index].path]
+
 
 @dataclass(frozen=True)
 class FsddSplits:

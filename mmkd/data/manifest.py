@@ -218,6 +218,13 @@ class ManifestDataset(SafeDataset):
     def sample_id(self, index: int) -> str:
         return self.rows[index].id
 
+    def sample_files(self, index: int) -> list[Path]:
+        """The files sample `index` is read from, the manifest (its text) included (the
+        teacher store keys their identity)."""
+        values = self.rows[index].values or {}
+        files = [self.path.parent / v for c, v in values.items() if c in FILE_COLUMNS]
+        return [self.path, *files]
+
     def load(self, index: int) -> RawSample:
         row = self.rows[index]
         try:
