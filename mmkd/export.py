@@ -13,6 +13,7 @@ RUN_DIR/student/
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from mmkd import __version__
 from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
 from mmkd.adapters.base import class_scores
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
-from mmkd.errors import CheckpointError
+from mmkd.errors import CheckpointError, ConfigError
 from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state
 
 META = "meta.json"
@@ -80,6 +81,8 @@ def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = No
     """Write an exported model as ONNX (`model.onnx`) or TorchScript (`model.torchscript.pt`),
     with a dynamic batch axis. Inputs are the preprocessed batch tensors, named as in
     `adapter.example_batch()`; outputs `embedding` (and `logits`)."""
+    if fmt == "onnx":
+        require_export_extra()
     exported = load_exported(folder)
     example = exported.model.example_batch(2)
     names = list(example)
@@ -105,6 +108,21 @@ def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = No
         else:
             raise ValueError(f"unknown export format {fmt!r}; use onnx or torchscript")
     return path
+
+
+EXPORT_PACKAGES = ("onnx",)  # what torch.onnx.export needs (the [export] extra installs it)
+
+
+def require_export_extra() -> None:
+    """One line naming the extra when ONNX export's packages are missing."""
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ConfigError(
+                f"--format onnx needs the {name!r} package, which the [export] extra installs: "
+                "pip install 'mmkd[export]'"
+            ) from None
 
 
 @dataclass

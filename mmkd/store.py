@@ -461,6 +461,7 @@ def teacher_collate(
         num_classes=0,
         on_error=on_error,
         replay_seed=seed,
+        warn_skips=False,  # the builder warns once per sample, not once per view
     )
 
 
@@ -740,7 +741,12 @@ class StoreBuilder:
         self.teacher.eval()
         desc = f"teacher store{self.label}"
         pairs = zip(owner, loader, strict=True)
+        warned: set[str] = set()
         for start, batch in tqdm(pairs, total=len(batches), desc=desc, disable=not progress):
+            for name, reason in batch.get("skipped_ids", []):
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("teacher store%s: skipped sample %s: %s", self.label, name, reason)
             if batch["ids"]:
                 inputs = {n: t.to(self.device) for n, t in batch["inputs"]["teacher"].items()}
                 out = teacher_outputs(self.teacher, inputs, self.spec.features)

@@ -156,12 +156,13 @@ class StoredTeacher:
             self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
             if seconds is not None:
                 self.build_seconds[split] = seconds
-        if self.build_seconds and trainer.logger is not None:
+        if self.build_seconds:
             total = sum(self.build_seconds.values())
             metric = "time/store_build_s"
             if self.name != "teacher":
                 metric = f"time/{self.name}/store_build_s"
-            trainer.logger.log_metrics({metric: total}, step=0)
+            for logger in trainer.loggers:  # every logger, not only the first
+                logger.log_metrics({metric: total}, step=0)
 
     def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
         views = batch.get("views") if split == "train" and self.augmented else None

@@ -335,3 +335,74 @@ def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path):
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "BUILT" in out, err[-2000:]
     assert f"{6 - done} of 6 chunks left" in err or f"{6 - done - 1} of 6 chunks left" in err, err
+
+
+class OneUnreadable(torch.utils.data.Dataset):
+    """The demo samples, sample 5 unreadable (as under data.on_error=skip)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def sample_id(self, index: int) -> str:
+        return self.inner[index]["id"]
+
+    def __getitem__(self, index: int):
+        from mmkd.data.base import Skipped
+
+        if index == 5:
+            return Skipped(self.sample_id(5), "broken.png: cannot identify image file")
+        return self.inner[index]
+
+
+def test_a_skipped_sample_is_warned_once_not_once_per_view(tmp_path, dataset, caplog):
+    """Finding 24: the skip warning repeated for every stored view."""
+    model = build_adapter(
+        tiny_spec("image", image__augment=True, image__crop_padding=2), key="teacher"
+    ).eval()
+    spec = StoreSpec(views=3, seed=0, chunk_size=8)
+    collate = teacher_collate(model.make_preprocessor(), augmented=True, seed=0, on_error="skip")
+    build = StoreBuilder(
+        model,
+        OneUnreadable(dataset),
+        collate,
+        {"data": "skip"},
+        spec,
+        augmented=True,
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
+    with caplog.at_level(logging.WARNING):
+        folder, _ = open_or_build(tmp_path, build)
+    lines = [r.getMessage() for r in caplog.records if "skipped sample" in r.getMessage()]
+    assert len(lines) == 1 and "broken.png" in lines[0], lines
+    assert TeacherStore.open(folder).arrays["present"][5].tolist() == [0, 0, 0]
+
+
+def test_store_build_time_reaches_every_logger(tmp_path):
+    """Finding 26: time/store_build_s reached only the first logger."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *tiny_overrides("teacher", "image"),
+        "teacher.head.classifier=true",
+        *tiny_overrides("student", "image"),
+        "student.head.classifier=true",
+        "losses=kd",
+        "data.train_labels=true",
+        "distill.cache=true",
+        "run.loggers=[tensorboard,csv]",
+        "run.test=false",
+        "run.export=false",
+        *small_run(epochs=1),
+        f"run.dir={run_dir}",
+    ]
+    assert main(overrides) == 0
+    header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "time/store_build_s" in header
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert "time/store_build_s" in events.Tags()["scalars"]
