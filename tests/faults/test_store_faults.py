@@ -406,3 +406,40 @@ def test_store_build_time_reaches_every_logger(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert "time/store_build_s" in events.Tags()["scalars"]
+
+
+def test_store_list_and_gc_show_and_remove_leftover_partials(tmp_path, dataset, capsys):
+    """Finding 15: a .partial left by a failed build stayed with no way to see or remove it."""
+    from mmkd.cli import main as mmkd
+
+    model = teacher()
+    open_or_build(tmp_path, builder(model, dataset))  # a finished entry
+    small = DemoDataset(OmegaConf.structured(DemoCfg), "train", 16, 0)
+    collate = teacher_collate(model.make_preprocessor(), augmented=False, seed=0)
+    other = StoreBuilder(
+        model,
+        small,
+        collate,
+        {"data": "demo16"},
+        SPEC,
+        augmented=False,
+        batch_size=8,
+        device=torch.device("cpu"),
+    )
+    partial = tmp_path / f"{other.key}.partial"
+    real = other.fill
+
+    def killed(markers, arrays, starts, ids, progress=True):
+        real(markers, arrays, starts[:1], ids, progress)
+        raise KeyboardInterrupt
+
+    other.fill = killed
+    with pytest.raises(KeyboardInterrupt):
+        open_or_build(tmp_path, other)
+    assert partial.is_dir()
+    assert mmkd(["store", "list", str(tmp_path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "1/2 chunks done" in out and "24 x 1 views, verified" in out, out
+    assert mmkd(["store", "gc", str(tmp_path)]) == 0
+    assert not partial.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [builder(model, dataset).key]
