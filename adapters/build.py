@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.errors import CheckpointError
-from mmkd.io import load_state_file
+from mmkd.io import load_state_file, verify_export
 
 from . import register_builtins
 from .base import ADAPTERS, Adapter
@@ -49,6 +49,8 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
     adapter = adapter_cls(spec, key=key)
     if spec.weights:
+        if Path(spec.weights).is_dir():
+            verify_export(spec.weights)
         path = weights_file(spec.weights)
         state = load_state_file(path)
         try:

@@ -29,7 +29,7 @@ from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
 from mmkd.adapters.base import class_scores
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
 from mmkd.errors import CheckpointError, ConfigError
-from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state
+from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state, sha256_file
 
 META = "meta.json"
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
@@ -57,9 +57,15 @@ def export_model(
             "class_names": list(class_names or []),
             "zero_shot": class_embeddings is not None,
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if class_embeddings is not None:
             save_state(tmp / CLASS_EMBEDDINGS, {"class_embeddings": class_embeddings})
+        # checked by every load (load_exported, teacher.weights=RUN/student)
+        meta["sha256"] = {
+            name: sha256_file(tmp / name)
+            for name in (EXPORT_SPEC, EXPORT_WEIGHTS, CLASS_EMBEDDINGS)
+            if (tmp / name).is_file()
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 

@@ -4,6 +4,7 @@ and every output is written to a temporary file and renamed into place."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -127,6 +128,31 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_export(folder: str | Path) -> None:
+    """CheckpointError when a file of an exported model folder does not match the sha256 its
+    meta.json records (exports written before checksums record none and pass)."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / "meta.json").read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no meta.json: loading the files reports what is missing
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CheckpointError(
+                f"{path}: damaged or missing (its sha256 does not match the one in "
+                f"{folder / 'meta.json'}); export the model again"
+            )
 
 
 def check_free_space(path: str | Path, needed: int, what: str) -> None:

@@ -74,3 +74,16 @@ def test_exported_files_follow_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes["model.safetensors"] == 0o644, modes
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_flipped_bytes_in_exported_weights_are_refused(exported):
+    """Found by benchmarks/faults.py: safetensors has no checksum, so flipped weight bytes
+    loaded silently; meta.json now records each file's sha256 and every load checks it."""
+    from mmkd.errors import CheckpointError
+
+    weights = exported / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-20:-10] = bytes(b ^ 0xFF for b in data[-20:-10])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: damaged or missing"):
+        load_exported(exported / "student")
