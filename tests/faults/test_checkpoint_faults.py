@@ -59,6 +59,7 @@ def resume(run_dir: Path) -> int:
     return main([*RUN, f"run.dir={run_dir}", "run.resume=true", "trainer.max_epochs=2"])
 
 
+@pytest.mark.slow
 def test_checkpoints_keep_a_checksum_and_the_previous_one(finished):
     folder = finished / "checkpoints"
     assert (folder / "last.ckpt.sha256").is_file()
@@ -67,6 +68,7 @@ def test_checkpoints_keep_a_checksum_and_the_previous_one(finished):
     assert not list(folder.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped", "zero_bytes", "truncated"])
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous(finished, tmp_path, damage, caplog):
     """Findings 11 and 18: a same-size corrupted checkpoint resumed silently, a zero-byte one
@@ -92,6 +94,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous(finished, tmp_path
     assert csv_epochs(run_dir) == {0, 1}
 
 
+@pytest.mark.slow
 def test_resume_appends_to_metrics_csv(finished, tmp_path):
     """Finding 12: on resume, logs/metrics.csv lost every row before the checkpoint."""
     run_dir = copy_run(finished, tmp_path)
@@ -106,6 +109,7 @@ def test_resume_appends_to_metrics_csv(finished, tmp_path):
     assert len([line for line in after[1:] if line]) > len(first_rows)
 
 
+@pytest.mark.slow
 def test_both_checkpoints_damaged_is_one_line(finished, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -154,6 +158,7 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, monkeypatch)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_free_space_is_checked_before_writing(finished, tmp_path, monkeypatch, capsys):
     """Finding 16: space is checked against the checkpoint's size before any byte is written,
     and against an estimate at start-up, in one line naming the path and the bytes."""

@@ -50,6 +50,7 @@ KILLED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_export_leaves_no_temporary_folder(exported):
     """Finding 25: SIGKILL during export left .student.*.tmp beside the export for good."""
     target = exported / "student"

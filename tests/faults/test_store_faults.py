@@ -158,6 +158,7 @@ def folder_run(data: Path, run_dir: Path, cache: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_images_replaced_in_place_miss_the_store(tmp_path, caplog):
     """Finding 3: the store was keyed by file names only."""
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -194,6 +195,7 @@ def test_command_line_overrides_of_an_exported_teacher_are_applied(tmp_path, cap
     assert plain.teacher.image.hflip == 0.5 and plain.teacher.image.crop_padding == 4
 
 
+@pytest.mark.slow
 def test_a_student_augmented_unlike_the_stored_views_is_warned(tmp_path, caplog):
     """Finding 4: changing only the student's augmentation reused the store without a word."""
     common = [
@@ -309,6 +311,7 @@ def start(root: Path, slow: float) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_builders_at_once_one_builds_the_other_waits_and_reads(tmp_path):
     """Finding 17: the second run died with FileNotFoundError on .partial/chunks/N.done."""
     first = start(tmp_path, 0.3)
@@ -321,6 +324,7 @@ def test_two_builders_at_once_one_builds_the_other_waits_and_reads(tmp_path):
     TeacherStore.open(next(p for p in tmp_path.iterdir() if p.is_dir()))
 
 
+@pytest.mark.slow
 def test_a_dead_builders_lock_is_taken_over_and_its_build_resumed(tmp_path):
     dying = start(tmp_path, 0.3)
     deadline = time.time() + 120
@@ -381,6 +385,7 @@ def test_a_skipped_sample_is_warned_once_not_once_per_view(tmp_path, dataset, ca
     assert TeacherStore.open(folder).arrays["present"][5].tolist() == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_store_build_time_reaches_every_logger(tmp_path):
     """Finding 26: time/store_build_s reached only the first logger."""
     run_dir = tmp_path / "run"
