@@ -46,13 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-TINY_IMAGE = [
-    "teacher.adapter=image",
-    "teacher.timm={model: resnet10t, kwargs: {channels: [8, 8, 16, 16], stem_width: 8}}",
-    "teacher.image={img_size: 32, in_chans: 3}",
-    "teacher.head.embed_dim=16",
-    "teacher.head.classifier=true",
-]
 TRAIN = [
     "teacher=none",
     "losses=supervised",

@@ -249,20 +249,19 @@ def data_content(dataset: Dataset) -> dict[str, Any]:
     files = getattr(base, "sample_files", None)
     if files is None:
         return {"files": None}
-    stats: dict[Path, str] = {}
-    digest = hashlib.sha256()
-    count = 0
+    stats: dict[str, str] = {}
+    lines = []
     for index in range(len(base)) if indices is None else indices:  # type: ignore[arg-type]
         for path in files(index):
             if path not in stats:
                 try:
-                    st = path.stat()
+                    st = os.stat(path)
                     stats[path] = f"{st.st_size}:{st.st_mtime_ns}"
                 except OSError:
                     stats[path] = "missing"
-            digest.update(f"{index}\t{path}\t{stats[path]}\n".encode())
-            count += 1
-    return {"files": count, "files_sha256": digest.hexdigest()}
+            lines.append(f"{index}\t{path}\t{stats[path]}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"files": len(lines), "files_sha256": digest}
 
 
 def store_key(

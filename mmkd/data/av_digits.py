@@ -14,7 +14,6 @@ when its digit has fewer images than needed. `data.mnist.split` is not used.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -79,7 +78,7 @@ class AvDigitsDataset(SafeDataset):
         clip, images, image = self.pairs[index]
         return f"{self.audio.sample_id(clip)}+{images.sample_id(image)}"
 
-    def sample_files(self, index: int) -> list[Path]:
+    def sample_files(self, index: int) -> list[str]:
         """The audio file of the pair (MNIST images are read from memory)."""
         return self.audio.sample_files(self.pairs[index][0])
 

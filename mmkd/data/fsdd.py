@@ -109,9 +109,9 @@ class FsddDataset(SafeDataset):
             "text": self.prompts[clip.digit],
         }
 
-    def sample_files(self, index: int) -> list[Path]:
+    def sample_files(self, index: int) -> list[str]:
         """The files sample `index` is read from (the teacher store keys their identity)."""
-        return [self.clips[index].path]
+        return [str(self.clips[index].path)]
 
 
 @dataclass(frozen=True)
