@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.errors import CheckpointError, ConfigError
-from mmkd.io import load_state_file
+from mmkd.io import load_state_file, verify_export
 
 from . import register_builtins
 from .base import ADAPTERS, Adapter
@@ -52,6 +52,8 @@ def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
     if not adapter_cls.__module__.startswith("mmkd."):  # a plugin: its encoder is unchecked
         probe_encoder(adapter, key)
     if spec.weights:
+        if Path(spec.weights).is_dir():
+            verify_export(spec.weights)
         path = weights_file(spec.weights)
         state = load_state_file(path)
         try:

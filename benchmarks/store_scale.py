@@ -1,11 +1,15 @@
 """Teacher-store scaling: lookups in a 1,000,000-row store, and a build split over 2 processes.
 
-    python benchmarks/store_scale.py [--rows 1000000] [--samples 4000] [--out DIR]
+    python benchmarks/store_scale.py [--rows 1000000] [--samples 4000] [--verify-gb 1.6]
+                                     [--out DIR]
 
 1. Writes a store of `--rows` rows (one view, 64-d float16 embeddings, 10 logits) straight to
-   disk through the store's own index writer, then, in a fresh process, times opening it and
+   disk through the store's own index writer, then, in a fresh process, times opening it
+   without checksum verification (`open_s`), verifying every chunk's checksum (`verify_s`),
    10,000 random lookups (79 batches of 128 ids, as training reads it) and the resident memory
    they add.
+   With `--verify-gb G`, the same for a synthetic store of about G GB (10 views of 10 classes
+   and a float16 feature), to give the verification cost of a large store (`big_*` figures).
 2. Builds a store of the generated demo images (`--samples` x 2 views, a random ResNet-20
    teacher) with 1 process and with 2 processes (gloo), each process using one torch thread,
    and prints the time ratio. Both builds must give identical arrays.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,21 +40,24 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def write_big_store(folder: Path, rows: int) -> None:
+def write_big_store(folder: Path, rows: int, views: int = 1, feature: int = 0) -> None:
     from mmkd.store import finalize
 
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True)
     rng = np.random.default_rng(0)
     specs = {
-        "present": ((rows, 1), np.uint8),
-        "embedding": ((rows, 1, 64), np.float16),
-        "logits": ((rows, 1, 10), np.float16),
+        "present": ((rows, views), np.uint8),
+        "embedding": ((rows, views, 64), np.float16),
+        "logits": ((rows, views, 10), np.float16),
     }
+    if feature:
+        specs["feature.0"] = ((rows, views, feature), np.float16)
     for name, (shape, dtype) in specs.items():
         array = np.lib.format.open_memmap(partial / f"{name}.npy", "w+", dtype, shape)
-        for start in range(0, rows, 100_000):
-            stop = min(start + 100_000, rows)
+        step = max(1, 100_000 // views // max(1, feature // 64))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
             if name == "present":
                 array[start:stop] = 1
             else:
@@ -59,8 +67,8 @@ def write_big_store(folder: Path, rows: int) -> None:
     ids = [f"shard-{i // 10_000:05d}/sample-{i:08d}" for i in range(rows)]
     meta = {
         "identity": {"synthetic": rows},
-        "views": 1,
-        "chunk_size": rows,
+        "views": views,
+        "chunk_size": 4096,  # StoreSpec's default
         "dtype": "float16",
         "num_classes": 10,
     }
@@ -73,8 +81,11 @@ def measure_lookups(folder: str, rows: int) -> None:
 
     before = rss_mb()
     started = time.perf_counter()
-    store = TeacherStore.open(Path(folder))
+    store = TeacherStore.open(Path(folder), verify=False)
     opened = time.perf_counter() - started
+    started = time.perf_counter()
+    TeacherStore.open(Path(folder), verify=True)  # every chunk's checksum
+    verified = time.perf_counter() - started
     rng = np.random.default_rng(1)
     picks = rng.integers(rows, size=10_000)
     ids = [f"shard-{i // 10_000:05d}/sample-{i:08d}" for i in picks]
@@ -84,7 +95,12 @@ def measure_lookups(folder: str, rows: int) -> None:
     looked = time.perf_counter() - started
     print(
         json.dumps(
-            {"open_s": opened, "lookups_10k_s": looked, "rss_increase_mb": rss_mb() - before}
+            {
+                "open_s": opened,
+                "verify_s": verified,
+                "lookups_10k_s": looked,
+                "rss_increase_mb": rss_mb() - before,
+            }
         )
     )
 
@@ -175,10 +191,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--verify-gb", type=float, default=0.0)
     parser.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     scratch = Path(args.out or tempfile.mkdtemp(prefix="mmkd-store-scale-"))
     results: dict[str, float | int] = {"rows": args.rows, "samples": args.samples}
+    if args.verify_gb:
+        per_row = 10 * (64 + 10 + 4096) * 2 + 10  # 10 views: embedding, logits, feature
+        big_rows = int(args.verify_gb * 1e9 / per_row)
+        write_big_store(scratch / "large", big_rows, views=10, feature=4096)
+        size = sum(p.stat().st_size for p in (scratch / "large").iterdir())
+        out = subprocess.run(
+            [sys.executable, __file__, "--lookups", str(scratch / "large"), str(big_rows)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        large = json.loads(out.strip().splitlines()[-1])
+        results.update({"big_rows": big_rows, "big_gb": size / 1e9})
+        results.update({f"big_{k}": v for k, v in large.items()})
+        shutil.rmtree(scratch / "large")
     started = time.perf_counter()
     write_big_store(scratch / "big", args.rows)
     results["write_big_s"] = time.perf_counter() - started

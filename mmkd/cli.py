@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
         "mmkd.export", "mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH]"
     ),
     "pack": Command("mmkd.pack", "mmkd pack SOURCE OUT_DIR [--shard-size N] [--on-error skip]"),
+    "store": Command("mmkd.store_command", "mmkd store list|gc ROOT [--verify] [--dry-run]"),
     "layers": Command("mmkd.layers", "mmkd layers [experiment=NAME] [key=value ...]"),
 }
 

@@ -15,3 +15,7 @@ class DataError(MMKDError):
 
 class CheckpointError(MMKDError):
     """A checkpoint, export or cache file is missing, truncated or does not match the run."""
+
+
+class DiskSpaceError(MMKDError):
+    """A disk has less free space than a file about to be written needs."""

@@ -13,6 +13,7 @@ RUN_DIR/student/
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from mmkd import __version__
 from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
 from mmkd.adapters.base import class_scores
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
-from mmkd.errors import CheckpointError
-from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state
+from mmkd.errors import CheckpointError, ConfigError
+from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state, sha256_file
 
 META = "meta.json"
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
@@ -56,9 +57,15 @@ def export_model(
             "class_names": list(class_names or []),
             "zero_shot": class_embeddings is not None,
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if class_embeddings is not None:
             save_state(tmp / CLASS_EMBEDDINGS, {"class_embeddings": class_embeddings})
+        # checked by every load (load_exported, teacher.weights=RUN/student)
+        meta["sha256"] = {
+            name: sha256_file(tmp / name)
+            for name in (EXPORT_SPEC, EXPORT_WEIGHTS, CLASS_EMBEDDINGS)
+            if (tmp / name).is_file()
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
@@ -80,6 +87,8 @@ def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = No
     """Write an exported model as ONNX (`model.onnx`) or TorchScript (`model.torchscript.pt`),
     with a dynamic batch axis. Inputs are the preprocessed batch tensors, named as in
     `adapter.example_batch()`; outputs `embedding` (and `logits`)."""
+    if fmt == "onnx":
+        require_export_extra()
     exported = load_exported(folder)
     example = exported.model.example_batch(2)
     names = list(example)
@@ -105,6 +114,21 @@ def export_compiled(folder: str | Path, fmt: str, output: str | Path | None = No
         else:
             raise ValueError(f"unknown export format {fmt!r}; use onnx or torchscript")
     return path
+
+
+EXPORT_PACKAGES = ("onnx",)  # what torch.onnx.export needs (the [export] extra installs it)
+
+
+def require_export_extra() -> None:
+    """One line naming the extra when ONNX export's packages are missing."""
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ConfigError(
+                f"--format onnx needs the {name!r} package, which the [export] extra installs: "
+                "pip install 'mmkd[export]'"
+            ) from None
 
 
 @dataclass

@@ -4,6 +4,7 @@ and every output is written to a temporary file and renamed into place."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmkd.errors import CheckpointError
+from mmkd.errors import CheckpointError, DiskSpaceError
 
 
 def _umask() -> int:
@@ -25,16 +26,43 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files and folders that writers of `path` killed before they could
+    clean up left beside it (`.NAME.PID.*.tmp` / `.old`, whose process is gone)."""
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        pid = leftover.name[len(path.name) + 2 :].split(".")[0]
+        if leftover.suffix not in (".tmp", ".old") or not pid.isdigit() or alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 files, and writers that replace the file (safetensors) too:
+        # give the usual permissions, as the umask allows
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -49,13 +77,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     so readers see the old folder or the complete new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
@@ -98,3 +128,43 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_export(folder: str | Path) -> None:
+    """CheckpointError when a file of an exported model folder does not match the sha256 its
+    meta.json records (exports written before checksums record none and pass)."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / "meta.json").read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no meta.json: loading the files reports what is missing
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CheckpointError(
+                f"{path}: damaged or missing (its sha256 does not match the one in "
+                f"{folder / 'meta.json'}); export the model again"
+            )
+
+
+def check_free_space(path: str | Path, needed: int, what: str) -> None:
+    """DiskSpaceError, in one line naming `path` and the bytes needed, when the disk `path` is
+    on (its folder, if it does not exist yet) has fewer than `needed` bytes free."""
+    path = Path(path)
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{what} {path}: not enough disk space: {needed:,} bytes needed, {free:,} free on "
+            "that disk; free some space or write elsewhere"
+        )

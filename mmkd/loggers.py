@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -26,8 +27,11 @@ from pytorch_lightning.loggers import (
     TensorBoardLogger,
     WandbLogger,
 )
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from mmkd.errors import ConfigError
+from mmkd.io import write_text
 from mmkd.registry import Registry
 
 LOG_DIR = "logs"
@@ -46,8 +50,32 @@ class LoggerKind:
 LOGGERS: Registry[LoggerKind] = Registry("logger")
 
 
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a metrics.csv already there is continued, not deleted (a
+    resumed run keeps the rows logged before its checkpoint)."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+
+class ResumedCSVLogger(CSVLogger):
+    """CSVLogger appending to the metrics.csv of the run it resumes."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def _csv(cfg: DictConfig, run_dir: Path) -> Logger:
-    return CSVLogger(save_dir=str(run_dir), name="", version=LOG_DIR)
+    kind = ResumedCSVLogger if cfg.run.resume else CSVLogger
+    return kind(save_dir=str(run_dir), name="", version=LOG_DIR)
 
 
 def _tensorboard(cfg: DictConfig, run_dir: Path) -> Logger:
@@ -141,3 +169,23 @@ def read_csv_log(run_dir: Path) -> list[dict[str, float]]:
         return []
     with path.open() as handle:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
+
+
+def trim_csv_log(run_dir: Path, step: int) -> int:
+    """Drop the rows of RUN_DIR/logs/metrics.csv logged after `step` (a resumed run logs them
+    again from its checkpoint); returns how many rows are kept."""
+    path = run_dir / LOG_DIR / CSV_FILE
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    kept = [row for row in rows if not row.get("step") or float(row["step"]) <= step]
+    if len(kept) < len(rows):
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text(path, out.getvalue())
+    return len(kept)

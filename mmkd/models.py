@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
 from mmkd.adapters.build import EXPORT_SPEC, load_export_spec
+from mmkd.config.compose import command_line_keys
 from mmkd.config.validate import adapter_specs
 from mmkd.data.base import DatasetSplits
 from mmkd.errors import CheckpointError, ConfigError
@@ -66,12 +67,42 @@ def adopt_exported_specs(cfg: DictConfig) -> None:
         saved.weights = spec.weights
         saved.freeze_encoder = spec.freeze_encoder
         log.info("%s: architecture taken from %s", key, Path(spec.weights) / EXPORT_SPEC)
+        apply_command_line(cfg, key, spec, saved)
         # what the spec holds beyond the model (a teacher's `losses`) stays as configured
         kept = {name: spec[name] for name in spec if name not in saved}
         node = OmegaConf.merge(
             OmegaConf.structured(OmegaConf.get_type(spec)), OmegaConf.to_container(saved), kept
         )
         OmegaConf.update(cfg, key, node, merge=False)
+
+
+def apply_command_line(cfg: DictConfig, key: str, spec: DictConfig, saved: DictConfig) -> None:
+    """Settings of an exported model given on the command line (`teacher.image.hflip=0.0`)
+    override the exported spec, and one line says which: they are never dropped. A setting
+    that changes the architecture then fails to load the weights, naming them."""
+    changed = []
+    for item in command_line_keys(cfg):
+        if not item.startswith(f"{key}."):
+            continue
+        sub = item[len(key) + 1 :]
+        if (
+            sub.split(".")[0] in ("weights", "freeze_encoder")
+            or OmegaConf.select(saved, sub, default=_ABSENT) is _ABSENT
+        ):
+            continue  # kept as configured anyway (a teacher's `losses`, ...)
+        value, old = OmegaConf.select(spec, sub), OmegaConf.select(saved, sub)
+        if value != old:
+            OmegaConf.update(saved, sub, value, merge=True)
+            changed.append(f"{sub}={value} (exported: {old})")
+    if changed:
+        log.warning(
+            "%s: command-line override(s) of the exported model applied: %s",
+            key,
+            ", ".join(changed),
+        )
+
+
+_ABSENT = object()
 
 
 def resolve_classes(cfg: DictConfig, num_classes: int) -> None:

@@ -25,39 +25,58 @@ stored precision. Layout, rows in the split's sample order:
 It is built in `ROOT/<key>.partial/`, chunk by chunk (`chunk_size` samples x K views); a chunk
 is marked done, with a checksum, only after its rows are flushed, so a killed build resumes at
 the first chunk not done. The finished folder is renamed into place: readers see a complete
-entry or none. Opening checks counts, shapes and dtypes; a damaged entry is reported and
-rebuilt, never read silently.
+entry or none.
+
+Integrity: meta.json keeps a CRC-32 of every chunk (its rows of every per-row array) and of the
+id index (id_hash.npy + row.npy). Opening checks counts, shapes and dtypes, then every checksum,
+before any row is used. A chunk that fails is rebuilt alone (the teacher runs on its samples
+only); a damaged index is rewritten from the sample ids; anything else is rebuilt whole. Never
+read silently.
+
+Concurrency and disk space: one builder per entry, by a file lock (`ROOT/<key>.lock`, filelock;
+the kernel releases it when its process dies, so the next run takes over a dead builder's
+partial build and resumes it). A second run waits for the lock, then finds the finished entry.
+Before writing, the free space is checked against the entry's size and the arrays are
+preallocated (`posix_fallocate`), so a full disk is one line naming the path and the bytes
+needed, never a SIGBUS from a sparse memory map. `mmkd store list|gc ROOT` shows and removes
+leftover partial builds.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mmkd.adapters import Adapter, Preprocessor
 from mmkd.data.base import sample_ids
 from mmkd.data.module import RoleCollate, ViewedDataset
-from mmkd.errors import CheckpointError, ConfigError, DataError
-from mmkd.io import write_json
+from mmkd.errors import CheckpointError, ConfigError, DataError, DiskSpaceError
+from mmkd.io import check_free_space, write_json
 from mmkd.losses import FeatureTarget
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: per-chunk checksums in meta.json
+INDEX = ("id_hash", "row")  # the id index: one row per sample, no view axis
+LOCK_WAIT_LOG_S = 5.0  # wait this long for another builder's lock before saying so
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
 # libraries whose code defines a preprocessed (augmented) input
 LIBRARIES = ("torch", "torchvision", "torchaudio", "timm", "transformers", "numpy", "pillow")
@@ -149,13 +168,24 @@ def finalize(
     """Write the id index and meta.json into a filled `partial` folder and rename it to
     `folder` (replacing a damaged entry there). `hashes`: the ids' checked hashes, if known."""
     hashes = check_unique(ids) if hashes is None else hashes
-    order = np.argsort(hashes, kind="stable")
-    np.save(partial / "id_hash.npy", hashes[order])
-    np.save(partial / "row.npy", order.astype(np.int64))
+    index = id_index(hashes)
+    for name, array in index.items():
+        np.save(partial / f"{name}.npy", array)
     (partial / "ids.txt").write_text("\n".join(ids) + "\n")
+    rows = {name: np.load(partial / f"{name}.npy", mmap_mode="r") for name in specs}
+    chunk_size = int(meta["chunk_size"])
+    sums = []
+    for start in chunk_starts(len(ids), chunk_size):
+        marker = partial / "chunks" / f"{start}.done"  # the checksum the build recorded
+        recorded = marker.read_text().strip() if marker.is_file() else ""
+        sums.append(
+            int(recorded) if recorded.isdigit() else crc(rows, slice(start, start + chunk_size))
+        )
+    del rows
     specs = {**specs, "id_hash": ((len(ids),), np.uint64), "row": ((len(ids),), np.int64)}
     meta = {
         **meta,
+        "checksums": {"chunks": sums, "index": crc(index)},
         "count": len(ids),
         "arrays": {
             name: {"shape": list(shape), "dtype": str(np.dtype(dtype))}
@@ -169,6 +199,12 @@ def finalize(
     partial.rename(folder)
 
 
+def id_index(hashes: np.ndarray) -> dict[str, np.ndarray]:
+    """The sorted id hashes and the row of each: how `TeacherStore.rows` finds a sample."""
+    order = np.argsort(hashes, kind="stable")
+    return {"id_hash": hashes[order], "row": order.astype(np.int64)}
+
+
 def id_hashes(ids: list[str]) -> np.ndarray:
     """64-bit hashes of sample ids (blake2b): lookups need no Python object per stored row."""
     return np.fromiter(
@@ -179,6 +215,53 @@ def id_hashes(ids: list[str]) -> np.ndarray:
         dtype=np.uint64,
         count=len(ids),
     )
+
+
+def crc(arrays: dict[str, np.ndarray], rows: slice = slice(None)) -> int:
+    """CRC-32 of `rows` of every array (by name order): zlib's runs at several GB/s."""
+    value = 0
+    for name in sorted(arrays):
+        block = np.ascontiguousarray(arrays[name][rows])
+        value = zlib.crc32(memoryview(block).cast("B"), value)
+    return value
+
+
+def chunk_starts(count: int, chunk_size: int) -> list[int]:
+    return list(range(0, count, chunk_size))
+
+
+def per_row(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays with one entry per (sample, view): everything but the id index."""
+    return {name: array for name, array in arrays.items() if name not in INDEX}
+
+
+def data_content(dataset: Dataset) -> dict[str, Any]:
+    """The content identity of the files a split's samples are read from: size and
+    modification time (ns) of each, as make uses them, hashed with the sample ids. A file
+    replaced in place gets a new mtime, so the store key changes, at the cost of one stat per
+    file (a content hash would read the whole data set at every start). Datasets that cannot
+    name their files (generated, in-memory) give None."""
+    base, indices = dataset, None
+    while isinstance(base, Subset):
+        inner = list(base.indices)
+        indices = inner if indices is None else [inner[i] for i in indices]
+        base = base.dataset
+    files = getattr(base, "sample_files", None)
+    if files is None:
+        return {"files": None}
+    stats: dict[str, str] = {}
+    lines = []
+    for index in range(len(base)) if indices is None else indices:  # type: ignore[arg-type]
+        for path in files(index):
+            if path not in stats:
+                try:
+                    st = os.stat(path)
+                    stats[path] = f"{st.st_size}:{st.st_mtime_ns}"
+                except OSError:
+                    stats[path] = "missing"
+            lines.append(f"{index}\t{path}\t{stats[path]}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"files": len(lines), "files_sha256": digest}
 
 
 def store_key(
@@ -229,6 +312,20 @@ def full_logits(values: Tensor, index: Tensor, num_classes: int) -> Tensor:
 # --------------------------------------------------------------------------- reading
 
 
+class StoreDamaged(CheckpointError):
+    """Chunks of an entry (or its id index) fail their checksums: they can be rebuilt alone."""
+
+    def __init__(self, folder: Path, chunks: list[int], index: bool) -> None:
+        what = []
+        if chunks:
+            what.append(f"chunk(s) at row {', '.join(map(str, chunks[:8]))}")
+        if index:
+            what.append("the id index")
+        super().__init__(f"teacher store {folder}: {' and '.join(what)} fail their checksum")
+        self.chunks = chunks
+        self.index = index
+
+
 class TeacherStore:
     """An open store entry: memory-mapped arrays, looked up by (sample id, view)."""
 
@@ -240,11 +337,14 @@ class TeacherStore:
         self.dtype = meta["dtype"]
 
     @classmethod
-    def open(cls, folder: Path) -> TeacherStore:
-        """Open and check an entry; raise CheckpointError saying what is wrong with it."""
+    def open(cls, folder: Path, verify: bool = True) -> TeacherStore:
+        """Open and check an entry (with `verify`, every chunk's checksum too); raise
+        CheckpointError saying what is wrong with it (StoreDamaged: which chunks)."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
             count, views, specs = int(meta["count"]), int(meta["views"]), meta["arrays"]
+            chunk_size, sums = int(meta["chunk_size"]), meta["checksums"]
+            chunk_sums, index_sum = sums["chunks"], sums["index"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"teacher store {folder}: unreadable index ({err})") from None
         arrays = {}
@@ -252,7 +352,7 @@ class TeacherStore:
             path = folder / f"{name}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 raise CheckpointError(
                     f"teacher store {path}: unreadable or truncated ({err})"
                 ) from None
@@ -271,6 +371,19 @@ class TeacherStore:
         missing = {"id_hash", "row", "present", "embedding"} - set(arrays)
         if missing:
             raise CheckpointError(f"teacher store {folder}: missing {', '.join(sorted(missing))}")
+        starts = chunk_starts(count, chunk_size)
+        if len(chunk_sums) != len(starts):
+            raise CheckpointError(f"teacher store {folder}: {len(chunk_sums)} chunk checksums")
+        if verify:
+            rows = per_row(arrays)
+            bad = [
+                start
+                for start, expected in zip(starts, chunk_sums, strict=True)
+                if crc(rows, slice(start, start + chunk_size)) != expected
+            ]
+            index = crc({n: arrays[n] for n in INDEX}) != index_sum
+            if bad or index:
+                raise StoreDamaged(folder, bad, index)
         return cls(folder, meta, arrays)
 
     def __len__(self) -> int:
@@ -347,6 +460,7 @@ def teacher_collate(
         num_classes=0,
         on_error=on_error,
         replay_seed=seed,
+        warn_skips=False,  # the builder warns once per sample, not once per view
     )
 
 
@@ -443,13 +557,14 @@ class StoreBuilder:
             "chunk_size": self.spec.chunk_size,
         }
         if group.rank == 0:  # prepares (or resumes) the arrays every process writes into
-            arrays = self.open_partial(partial, layout, specs)
+            arrays = self.open_partial(partial, layout, specs, total_bytes)
         group.barrier("teacher-store-arrays")
         if group.rank != 0:
             arrays = {name: np.load(partial / f"{name}.npy", mmap_mode="r+") for name in specs}
         chunks = list(range(0, len(ids), self.spec.chunk_size))
         mine = [c for i, c in enumerate(chunks) if i % group.world == group.rank]
-        todo = [c for c in mine if not self.chunk_done(partial, arrays, c)]
+        markers = partial / "chunks"
+        todo = [c for c in mine if not self.chunk_done(markers, arrays, c)]
         if group.rank == 0:
             log.info(
                 "teacher store%s: %d samples x %d views, %.1f MB (%.1f MB of teacher features), "
@@ -464,7 +579,7 @@ class StoreBuilder:
                 len(todo),
                 len(mine),
             )
-        self.fill(partial, arrays, todo, ids, progress=group.rank == 0)
+        self.fill(markers, arrays, todo, ids, progress=group.rank == 0)
         for array in arrays.values():
             array.flush()
         del arrays
@@ -485,9 +600,14 @@ class StoreBuilder:
         return seconds
 
     def open_partial(
-        self, partial: Path, layout: dict[str, Any], specs: dict[str, tuple[tuple[int, ...], Any]]
+        self,
+        partial: Path,
+        layout: dict[str, Any],
+        specs: dict[str, tuple[tuple[int, ...], Any]],
+        total_bytes: int,
     ) -> dict[str, np.memmap]:
-        """The arrays of an interrupted build with this layout, or new ones."""
+        """The arrays of an interrupted build with this layout, or new ones, preallocated
+        after a free-space check (a full disk is a DiskSpaceError, never a SIGBUS later)."""
         layout_file = partial / "layout.json"
         try:
             same = json.loads(layout_file.read_text()) == json.loads(
@@ -497,60 +617,113 @@ class StoreBuilder:
             same = False
         if not same and partial.exists():
             shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "chunks").mkdir(exist_ok=True)
-        arrays = {}
+        reusable = {}
         for name, (shape, dtype) in specs.items():
-            path = partial / f"{name}.npy"
             try:
                 if not same:
                     raise ValueError("new build")
-                array = np.load(path, mmap_mode="r+")
+                array = np.load(partial / f"{name}.npy", mmap_mode="r+")
                 if array.shape != shape or array.dtype != np.dtype(dtype):
                     raise ValueError("other shape")
-            except (OSError, ValueError):
-                for marker in (partial / "chunks").iterdir():
-                    marker.unlink()  # an array is new: no chunk of it is done
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-            arrays[name] = array
+                reusable[name] = array
+            except (OSError, ValueError, EOFError):
+                pass
+        new = {name: spec for name, spec in specs.items() if name not in reusable}
+        needed = sum(int(np.prod(s)) * np.dtype(d).itemsize + 4096 for s, d in new.values())
+        check_free_space(partial, needed, f"teacher store ({total_bytes:,} bytes in all)")
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "chunks").mkdir(exist_ok=True)
+        if new:
+            for marker in (partial / "chunks").iterdir():
+                marker.unlink()  # an array is new: no chunk of it is done
+        arrays = dict(reusable)
+        try:
+            for name, (shape, dtype) in new.items():
+                path = partial / f"{name}.npy"
+                arrays[name] = np.lib.format.open_memmap(path, "w+", dtype=dtype, shape=shape)
+                preallocate(path, needed)
+        except DiskSpaceError:
+            if not reusable:  # nothing built yet: leave no file taking space behind
+                del arrays
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         if not same:
             write_json(layout_file, layout)
         return arrays
 
+    def repair(self, folder: Path, damage: StoreDamaged) -> float:
+        """Rebuild only the chunks (and the id index) of a finished entry that fail their
+        checksums, in place; returns the seconds spent."""
+        started = time.perf_counter()
+        meta = json.loads((folder / "meta.json").read_text())
+        ids = sample_ids(self.dataset)
+        self.spec = replace(self.spec, chunk_size=int(meta["chunk_size"]))  # the entry's chunks
+        if len(ids) != int(meta["count"]):
+            raise CheckpointError(f"teacher store {folder}: holds {meta['count']} samples")
+        names = [name for name in meta["arrays"] if name not in INDEX]
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in names}
+        if damage.index:
+            for name, values in id_index(check_unique(ids)).items():
+                index = np.load(folder / f"{name}.npy", mmap_mode="r+")
+                index[:] = values
+                index.flush()
+                del index
+        sums = meta["checksums"]
+        if damage.chunks:
+            markers = folder / ".repair"
+            markers.mkdir(exist_ok=True)
+            self.fill(markers, arrays, damage.chunks, ids)
+            for array in arrays.values():
+                array.flush()
+            starts = chunk_starts(len(ids), self.spec.chunk_size)
+            for start in damage.chunks:
+                sums["chunks"][starts.index(start)] = int((markers / f"{start}.done").read_text())
+            shutil.rmtree(markers)
+        del arrays
+        index = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in INDEX}
+        sums["index"] = crc(index)
+        del index
+        write_json(folder / "meta.json", meta)
+        seconds = time.perf_counter() - started
+        log.info(
+            "teacher store%s: rebuilt %d chunk(s)%s of %s in %.1f s",
+            self.label,
+            len(damage.chunks),
+            " and the id index" if damage.index else "",
+            folder,
+            seconds,
+        )
+        return seconds
+
     def chunk_rows(self, start: int, count: int) -> slice:
         return slice(start, min(start + self.spec.chunk_size, count))
 
-    @staticmethod
-    def checksum(arrays: dict[str, np.memmap], rows: slice) -> str:
-        digest = hashlib.sha256()
-        for name in sorted(arrays):
-            digest.update(np.ascontiguousarray(arrays[name][rows]).tobytes())
-        return digest.hexdigest()
-
-    def chunk_done(self, partial: Path, arrays: dict[str, np.memmap], start: int) -> bool:
-        marker = partial / "chunks" / f"{start}.done"
+    def chunk_done(self, markers: Path, arrays: dict[str, np.memmap], start: int) -> bool:
+        marker = markers / f"{start}.done"
         if not marker.is_file():
             return False
         rows = self.chunk_rows(start, len(arrays["present"]))
-        if marker.read_text().strip() == self.checksum(arrays, rows):
+        if marker.read_text().strip() == str(crc(arrays, rows)):
             return True
-        log.warning("teacher store: chunk at row %d of %s is damaged; redoing it", start, partial)
+        log.warning("teacher store: chunk at row %d of %s is damaged; redoing it", start, markers)
         return False
 
     @torch.no_grad()
     def fill(
         self,
-        partial: Path,
+        markers: Path,
         arrays: dict[str, np.memmap],
         starts: list[int],
         ids: list[str],
         progress: bool = True,
     ) -> None:
-        """Run the teacher over the chunks not done; mark each done once flushed."""
+        """Run the teacher over the chunks `starts`; mark each done (its checksum in
+        `markers`/START.done) once flushed."""
         k, size, count = self.spec.views, self.batch_size, len(ids)
         batches: list[list[tuple[int, int]]] = []
         owner: list[int] = []  # the chunk each batch belongs to
         for start in starts:
+            arrays["present"][self.chunk_rows(start, count)] = 0  # a redone chunk starts empty
             rows = range(*self.chunk_rows(start, count).indices(count))
             for view in range(k):
                 for first in range(0, len(rows), size):
@@ -567,7 +740,12 @@ class StoreBuilder:
         self.teacher.eval()
         desc = f"teacher store{self.label}"
         pairs = zip(owner, loader, strict=True)
+        warned: set[str] = set()
         for start, batch in tqdm(pairs, total=len(batches), desc=desc, disable=not progress):
+            for name, reason in batch.get("skipped_ids", []):
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("teacher store%s: skipped sample %s: %s", self.label, name, reason)
             if batch["ids"]:
                 inputs = {n: t.to(self.device) for n, t in batch["inputs"]["teacher"].items()}
                 out = teacher_outputs(self.teacher, inputs, self.spec.features)
@@ -589,33 +767,120 @@ class StoreBuilder:
                 chunk = self.chunk_rows(start, count)
                 for array in arrays.values():
                     array.flush()
-                marker = partial / "chunks" / f"{start}.done"
-                marker.write_text(self.checksum(arrays, chunk))
+                (markers / f"{start}.done").write_text(str(crc(arrays, chunk)))
 
 
 def open_or_build(
     root: Path, builder: StoreBuilder, group: Collective | None = None
 ) -> tuple[Path, float | None]:
-    """Make sure the entry for this teacher and data exists (every process of `group` calls
-    this); returns (folder, build seconds, or None when it was there)."""
+    """Make sure the entry for this teacher and data exists and passes its checksums (every
+    process of `group` calls this); returns (folder, build seconds, or None when it was there).
+
+    One builder at a time: global rank 0 holds `ROOT/<key>.lock` while its group builds or
+    repairs; another run waits for it, then finds the finished entry."""
     group = group or Collective()
     folder = root / builder.key
-    problem = "missing"
-    if folder.exists():
-        try:
-            TeacherStore.open(folder)
-            problem = ""
-        except CheckpointError as err:
-            problem = str(err)
-    if not group.any(bool(problem)):  # one decision for all processes
+    problem = entry_problem(folder)
+    if not group.any(problem is not None):  # one decision for all processes
         log.info("teacher store%s: hit %s", builder.label, folder)
         return folder, None
-    if problem != "missing" and group.rank == 0:
-        log.warning("%s; rebuilding it", problem)
-    # the pass over the data must not move the training RNG: a run draws the same random
-    # numbers (dropout, shuffling seeds) with the store as without it
-    cuda = [builder.device] if builder.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        seconds = builder.build(folder, group)
-    group.barrier("teacher-store-ready")
-    return folder, seconds
+    lock, done = None, False
+    if group.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = acquire(root / f"{builder.key}.lock", folder)
+    try:
+        if group.rank == 0:  # another run may have built or repaired it while this one waited
+            problem = entry_problem(folder)
+        if not group.any(group.rank == 0 and problem is not None):
+            log.info("teacher store%s: built by another run: %s", builder.label, folder)
+            done = True
+            return folder, None
+        repairable = isinstance(problem, StoreDamaged)
+        repair = group.any(group.rank == 0 and repairable)
+        if group.rank == 0 and not isinstance(problem, Missing):
+            log.warning("%s; %s", problem, "rebuilding those" if repair else "rebuilding it")
+        # the pass over the data must not move the training RNG: a run draws the same random
+        # numbers (dropout, shuffling seeds) with the store as without it
+        cuda = [builder.device] if builder.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), disk_full_is_one_line(folder):
+            if repair:
+                seconds = 0.0
+                if group.rank == 0:
+                    assert isinstance(problem, StoreDamaged)
+                    seconds = builder.repair(folder, problem)
+                group.barrier("teacher-store-repaired")
+            else:
+                seconds = builder.build(folder, group)
+        group.barrier("teacher-store-ready")
+        done = True
+        return folder, seconds
+    finally:
+        if lock is not None:
+            lock.release()
+            if done:  # safe: whoever waited on it re-checks and finds the finished entry
+                Path(lock.lock_file).unlink(missing_ok=True)
+
+
+class Missing(CheckpointError):
+    """No entry there yet."""
+
+
+def entry_problem(folder: Path) -> CheckpointError | None:
+    """Why the entry at `folder` cannot be read as it is (Missing, StoreDamaged, other), or
+    None when it opens and passes every checksum."""
+    if not folder.exists():
+        return Missing(f"teacher store {folder}: missing")
+    try:
+        TeacherStore.open(folder)
+    except CheckpointError as err:
+        return err
+    return None
+
+
+def acquire(path: Path, folder: Path) -> FileLock:
+    """The builder's lock for `folder`, waiting (with one line saying so) while another
+    process holds it. The kernel drops a dead process's lock, so its successor takes over."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=LOCK_WAIT_LOG_S)
+    except Timeout:
+        log.info("teacher store: waiting for another process building %s (lock %s)", folder, path)
+        lock.acquire()
+    return lock
+
+
+def preallocate(path: Path, needed: int) -> None:
+    """Reserve the blocks of a new array file, so that writing into its memory map can never
+    hit a full disk (a SIGBUS); DiskSpaceError when the disk cannot hold it."""
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                path.unlink()
+                raise DiskSpaceError(
+                    f"teacher store {path}: not enough disk space: {needed:,} bytes needed; "
+                    f"free some space or set distill.cache_dir to another disk"
+                ) from None
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+class disk_full_is_one_line:
+    """Turns ENOSPC while building the entry at `folder` into one DiskSpaceError line; the
+    partial build stays, resumable (`mmkd store gc ROOT` removes it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, trace: Any) -> None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskSpaceError(
+                f"teacher store {self.folder}: the disk filled ({err.strerror}); the partial "
+                f"build is kept and resumes next time, `mmkd store gc {self.folder.parent}` "
+                "removes it"
+            ) from None

@@ -26,6 +26,7 @@ from mmkd.store import (
     StoreSpec,
     TeacherStore,
     TeacherTargets,
+    data_content,
     open_or_build,
     teacher_collate,
     teacher_outputs,
@@ -143,7 +144,7 @@ class StoredTeacher:
                 self.teacher,
                 dataset,
                 collate,
-                datamodule.identity(split),
+                {**datamodule.identity(split), "content": data_content(dataset)},
                 spec,
                 augmented=train,
                 batch_size=datamodule.eval_batch_size,
@@ -152,15 +153,16 @@ class StoredTeacher:
                 label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))
-            self.stores[split] = TeacherStore.open(folder)
+            self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
             if seconds is not None:
                 self.build_seconds[split] = seconds
-        if self.build_seconds and trainer.logger is not None:
+        if self.build_seconds:
             total = sum(self.build_seconds.values())
             metric = "time/store_build_s"
             if self.name != "teacher":
                 metric = f"time/{self.name}/store_build_s"
-            trainer.logger.log_metrics({metric: total}, step=0)
+            for logger in trainer.loggers:  # every logger, not only the first
+                logger.log_metrics({metric: total}, step=0)
 
     def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
         views = batch.get("views") if split == "train" and self.augmented else None
@@ -198,6 +200,34 @@ def make_teacher_source(
     if cfg.distill.store.views is not None or cfg.distill.cache:
         return StoredTeacher(teacher, cfg, name, features)
     return LiveTeacher(teacher, cfg.run.seed, teacher_role(name), features)
+
+
+def check_student_views(sources: list[TeacherSource], students: dict[str, Adapter]) -> None:
+    """One warning per student of a stored augmented teacher's modality whose preprocessing
+    differs from the teacher's: it replays the stored views' random draws through other
+    settings, so it trains on views the teacher never saw (intended, e.g., for a student with
+    its own input size; otherwise set the same values, or use the live teacher)."""
+    for source in sources:
+        if not (isinstance(source, StoredTeacher) and source.augmented):
+            continue
+        stored = source.teacher.make_preprocessor().identity()
+        for role, student in students.items():
+            if student.modality != source.teacher.modality:
+                continue
+            own = student.make_preprocessor().identity()
+            if own == stored:
+                continue
+            a, b = own.get("settings", {}), stored.get("settings", {})
+            keys = sorted(k for k in {*a, *b} if a.get(k) != b.get(k)) or ["class"]
+            diff = ", ".join(f"{k}={a.get(k)!r} (stored views: {b.get(k)!r})" for k in keys)
+            log.warning(
+                "%s: its preprocessing differs from the views stored for teacher %s (%s): it "
+                "trains on views that teacher never saw; use the same settings, or the live "
+                "teacher (distill.store.views=null)",
+                role,
+                source.name,
+                diff,
+            )
 
 
 def fit_view_policy(sources: list[TeacherSource], run_seed: int) -> ViewPolicy:

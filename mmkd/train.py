@@ -20,12 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mmkd.callbacks import EpochTimer
-from mmkd.checkpoint import CheckpointOnInterrupt, SafeCheckpointIO
+from mmkd.checkpoint import (
+    CheckpointOnInterrupt,
+    SafeCheckpointIO,
+    checkpoint_estimate,
+    previous_path,
+    resume_checkpoint,
+)
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
@@ -34,13 +41,13 @@ from mmkd.data.module import DistillDataModule
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
-from mmkd.io import write_json, write_text
-from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics
+from mmkd.io import check_free_space, write_json, write_text
+from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_csv_log
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
-from mmkd.teacher_source import fit_view_policy, teacher_role
+from mmkd.teacher_source import check_student_views, fit_view_policy, teacher_role
 
 log = logging.getLogger("mmkd")
 
@@ -94,12 +101,13 @@ class RunInterrupted(MMKDError):
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to resume from, if any; refuses to overwrite another run's outputs."""
     last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.exists() or previous_path(last).exists()
     if cfg.run.resume:
-        if not last.is_file():
+        if not saved:
             log.warning("run.resume=true but %s does not exist: starting from scratch", last)
             return None
-        return last
-    if last.exists() or (run_dir / "metrics.json").exists():
+        return resume_checkpoint(last)  # falls back to the previous good one, saying so
+    if saved or (run_dir / "metrics.json").exists():
         raise ConfigError(
             f"run.dir: {run_dir} already holds a run; choose another run.dir, "
             "or set run.resume=true to continue it"
@@ -121,6 +129,7 @@ def build_trainer(
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.run.checkpoint_every_n_steps,
+        enable_version_counter=False,  # always last.ckpt, also in a moved run folder
     )
     try:
         return pl.Trainer(
@@ -158,6 +167,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     }
     fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
+    check_student_views([source for _, source in used], students)
     datamodule = DistillDataModule(
         cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
     )
@@ -166,6 +176,11 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, [interrupt, *callbacks])
     if trainer.is_global_zero:
+        if resume is not None:  # rows logged after the checkpoint will be logged again
+            step = torch.load(resume, weights_only=True, mmap=True)["global_step"]
+            trim_csv_log(run_dir, int(step))
+        # room for a new checkpoint beside the last one, before any work
+        check_free_space(run_dir, checkpoint_estimate(module), "checkpoints in")
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

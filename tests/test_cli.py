@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert set(COMMANDS) == {"train", "evaluate", "export", "pack", "layers"}
+    assert set(COMMANDS) == {"train", "evaluate", "export", "pack", "store", "layers"}
     for name, command in COMMANDS.items():
         assert command.usage.startswith(f"mmkd {name}") and command.usage in out
 

@@ -48,6 +48,23 @@ def _remember_group_defaults(cfg: DictConfig, defaults: DictConfig) -> None:
     _GROUP_DEFAULTS[key] = (weakref.ref(cfg, lambda _: _GROUP_DEFAULTS.pop(key, None)), defaults)
 
 
+# id(config) -> (the config, the keys its command line set): see `command_line_keys`
+_COMMAND_LINE: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
+
+
+def command_line_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The dotted keys set by `key=value` items on the command line of a config `compose`
+    returned (empty for any other config)."""
+    entry = _COMMAND_LINE.get(id(cfg))
+    return entry[1] if entry is not None and entry[0]() is cfg else ()
+
+
+def _remember_command_line(cfg: DictConfig, dotlist: Sequence[str]) -> None:
+    key = id(cfg)
+    keys = tuple(item.partition("=")[0].lstrip("+~") for item in dotlist)
+    _COMMAND_LINE[key] = (weakref.ref(cfg, lambda _: _COMMAND_LINE.pop(key, None)), keys)
+
+
 def default_config_dir() -> Path:
     """mmkd's own config groups: `mmkd/configs` in an installed wheel (package data), or the
     repository's top-level `configs/` in a clone or an editable install."""
@@ -176,6 +193,7 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
         cfg.run.config_path = str(search[0])
     _remember_group_defaults(cfg, defaults)
+    _remember_command_line(cfg, dotlist)
     return cfg
 
 

@@ -78,6 +78,10 @@ class AvDigitsDataset(SafeDataset):
         clip, images, image = self.pairs[index]
         return f"{self.audio.sample_id(clip)}+{images.sample_id(image)}"
 
+    def sample_files(self, index: int) -> list[str]:
+        """The audio file of the pair (MNIST images are read from memory)."""
+        return self.audio.sample_files(self.pairs[index][0])
+
     def load(self, index: int) -> RawSample:
         clip, images, image = self.pairs[index]
         return {**images[image], **self.audio.load(clip), "id": self.sample_id(index)}

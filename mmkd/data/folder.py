@@ -82,6 +82,10 @@ class FolderDataset(SafeDataset):
         path, label = self.items[index]
         return {"id": path, "label": label, self.modality: self.read(self.root / path)}
 
+    def sample_files(self, index: int) -> list[str]:
+        """The files sample `index` is read from (the teacher store keys their identity)."""
+        return [os.path.join(self.root, self.items[index][0])]
+
 
 def index_folder(
     root: Path, key: str, class_names: list[str] | None, modality: str | None, on_error: str

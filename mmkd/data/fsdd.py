@@ -109,6 +109,10 @@ class FsddDataset(SafeDataset):
             "text": self.prompts[clip.digit],
         }
 
+    def sample_files(self, index: int) -> list[str]:
+        """The files sample `index` is read from (the teacher store keys their identity)."""
+        return [str(self.clips[index].path)]
+
 
 @dataclass(frozen=True)
 class FsddSplits:

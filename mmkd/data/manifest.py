@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,13 @@ class ManifestDataset(SafeDataset):
 
     def sample_id(self, index: int) -> str:
         return self.rows[index].id
+
+    def sample_files(self, index: int) -> list[str]:
+        """The files sample `index` is read from, the manifest (its text) included (the
+        teacher store keys their identity)."""
+        values = self.rows[index].values or {}
+        files = [os.path.join(self.path.parent, v) for c, v in values.items() if c in FILE_COLUMNS]
+        return [str(self.path), *files]
 
     def load(self, index: int) -> RawSample:
         row = self.rows[index]

@@ -51,7 +51,9 @@ class RoleCollate:
         num_classes: int,
         on_error: str = "raise",
         replay_seed: int | None = None,
+        warn_skips: bool = True,
     ) -> None:
+        self.warn_skips = warn_skips  # False: the caller reports batch["skipped_ids"] itself
         self.preprocessors = dict(preprocessors)
         self.train = train
         self.keep_labels = keep_labels
@@ -79,9 +81,10 @@ class RoleCollate:
         prepared: list[dict[str, Any]] = []
         kept: list[RawSample] = []
         skipped = 0
+        reasons: list[tuple[str, str]] = []
         for sample in samples:
             if isinstance(sample, Skipped):
-                log.warning("skipped sample %s: %s", sample.id, sample.reason)
+                reasons.append((sample.id, sample.reason))
                 skipped += 1
                 continue
             try:
@@ -92,10 +95,13 @@ class RoleCollate:
                     name = f"{name} ({sample['where']})"
                 if self.on_error != "skip":
                     raise DataError(f"sample {name}: {err}") from None
-                log.warning("skipped sample %s: %s", name, err)
+                reasons.append((str(name), str(err)))
                 skipped += 1
                 continue
             kept.append(sample)
+        if self.warn_skips:
+            for name, reason in reasons:
+                log.warning("skipped sample %s: %s", name, reason)
         batch: dict[str, Any] = {
             "inputs": {
                 role: pre.collate([p[role] for p in prepared]) if prepared else {}
@@ -103,6 +109,7 @@ class RoleCollate:
             },
             "ids": [s["id"] for s in kept],
             "skipped": skipped,
+            "skipped_ids": reasons,
         }
         if any("view" in s for s in kept):
             batch["views"] = [s.get("view", 0) for s in kept]

@@ -50,10 +50,16 @@ def distributed_gather(x: Tensor) -> tuple[Tensor, int]:
 # --------------------------------------------------------------------------- teacher features
 
 
+def upcast(x: Tensor) -> Tensor:
+    """`x` in at least float32 for a loss computation: half precisions go up to float32,
+    float64 stays float64 (never a cast down)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def attention_map(features: Tensor) -> Tensor:
     """Attention transfer's spatial map (Zagoruyko & Komodakis 2017, p=2): the mean over
     channels of the squared activations, L2-normalised over all positions; shape (B, *spatial)."""
-    energy = features.float().pow(2).mean(dim=1)
+    energy = upcast(features).pow(2).mean(dim=1)
     return F.normalize(energy.flatten(1), dim=1).view_as(energy)
 
 
@@ -259,6 +265,6 @@ class LayerPairTerm(LossTerm):
         """The sum of `pair_loss` over the pairs."""
         total = 0.0
         for index, (s, t) in enumerate(self.pairs):
-            teacher = inputs.teacher_features[FeatureTarget(t, self.reduce).name].float()
+            teacher = upcast(inputs.teacher_features[FeatureTarget(t, self.reduce).name])
             total = total + self.pair_loss(index, inputs.student_layers[s], teacher)
         return total  # type: ignore[return-value]

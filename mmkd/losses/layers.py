@@ -17,6 +17,7 @@ from .base import (
     attention_map,
     match_spatial,
     register_term,
+    upcast,
 )
 
 
@@ -38,7 +39,7 @@ def attention_loss(student_features: Tensor, teacher_map: Tensor) -> Tensor:
     """AT (Zagoruyko & Komodakis 2017), as their code computes it: the mean over batch and
     positions of the squared difference of the L2-normalised attention maps (p=2). The
     student's energy map is resized to the teacher's map before it is normalised."""
-    energy = student_features.float().pow(2).mean(dim=1, keepdim=True)
+    energy = upcast(student_features).pow(2).mean(dim=1, keepdim=True)
     energy = match_spatial(energy, teacher_map.shape[1:]).squeeze(1)
     student_map = F.normalize(energy.flatten(1), dim=1)
     return (student_map - teacher_map.flatten(1)).pow(2).mean()
@@ -51,7 +52,7 @@ def similarity_loss(student_features: Tensor, teacher_features: Tensor) -> Tenso
     b = student_features.shape[0]
 
     def gram(x: Tensor) -> Tensor:
-        flat = x.float().reshape(b, -1)
+        flat = upcast(x).reshape(b, -1)
         return F.normalize(flat @ flat.T, dim=1)
 
     return (gram(student_features) - gram(teacher_features)).pow(2).sum() / (b * b)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mmkd.errors import ConfigError
 
-from .base import LossTerm, TermContext, TermInputs, register_term
+from .base import LossTerm, TermContext, TermInputs, register_term, upcast
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -51,7 +51,7 @@ def dkd_loss(
     TCKD: KL between the binary (target, all other classes) distributions of teacher and
     student; NCKD: KL between their distributions over the non-target classes only."""
     t = temperature
-    s, te = student_logits.float() / t, teacher_logits.float() / t
+    s, te = upcast(student_logits) / t, upcast(teacher_logits) / t
     tckd = F.kl_div(
         _binary_log_probs(s, target),
         _binary_log_probs(te, target),
