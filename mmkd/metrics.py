@@ -23,6 +23,7 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 from mmkd.adapters import Adapter
 from mmkd.adapters.base import class_scores
 from mmkd.latency import count_parameters, cpu_latency_ms
+from mmkd.pitch import pitch_agreement
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -37,6 +38,9 @@ class Collected:
     modalities: dict[str, str] = field(default_factory=dict)
     first_inputs: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # for timing
     skipped: int = 0
+    multilabel: set[str] = field(default_factory=set)  # roles whose scores are sigmoid logits
+    # roles whose scores decode to pitch: role -> (pitch Hz, periodicity, voicing threshold)
+    pitch: dict[str, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -71,6 +75,11 @@ def collect(
     out.embeddings = {r: torch.cat(v) for r, v in embeddings.items() if v}
     out.scores = {r: torch.cat(v) for r, v in scores.items() if v}
     out.labels = torch.cat(labels) if labels else None
+    out.multilabel = {r for r, m in models.items() if getattr(m, "multilabel", False)}
+    for role, model in models.items():
+        if getattr(model, "pitch_output", False) and role in out.scores:
+            pitch, periodicity = model.decode(out.scores[role])
+            out.pitch[role] = (pitch, periodicity, float(model.spec.crepe.voicing_threshold))
     return out
 
 
@@ -117,7 +126,13 @@ def compute_metrics(
     collected: Collected, num_classes: int, teacher_role: str | None = "teacher"
 ) -> dict[str, float]:
     """Flat metric keys: ROLE/accuracy|precision|recall|f1, ROLE/teacher_agreement,
-    ROLE/teacher_cosine, retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
+    ROLE/teacher_cosine, retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples, and for
+    pitch models ROLE/raw_pitch_accuracy|raw_chroma_accuracy|voicing_agreement against the
+    teacher (mmkd.pitch; the teacher's voicing threshold).
+
+    teacher_agreement (same argmax class) is skipped for multi-label (sigmoid) outputs: the
+    classes are independent yes/no decisions, so the argmax is not the model's prediction (for
+    pitch, the pitch metrics measure agreement instead)."""
     metrics: dict[str, float] = {"data/skipped_samples": float(collected.skipped)}
     labels = collected.labels
     if labels is not None and num_classes:
@@ -128,9 +143,15 @@ def compute_metrics(
     for role, emb in collected.embeddings.items():
         if role == teacher_role or teacher_emb is None:
             continue
-        if role in collected.scores and teacher_role in collected.scores:
+        multilabel = {role, teacher_role} & collected.multilabel
+        if role in collected.scores and teacher_role in collected.scores and not multilabel:
             same = collected.scores[role].argmax(-1) == collected.scores[teacher_role].argmax(-1)
             metrics[f"{role}/teacher_agreement"] = float(same.float().mean())
+        if role in collected.pitch and teacher_role in collected.pitch:
+            pitch, periodicity, _ = collected.pitch[role]
+            t_pitch, t_periodicity, threshold = collected.pitch[teacher_role]
+            found = pitch_agreement(pitch, t_pitch, periodicity, t_periodicity, threshold)
+            metrics.update({f"{role}/{k}": v for k, v in found.items()})
         if emb.shape[1] == teacher_emb.shape[1]:
             metrics[f"{role}/teacher_cosine"] = float(F.cosine_similarity(emb, teacher_emb).mean())
     if labels is not None:
