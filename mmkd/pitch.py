@@ -3,13 +3,15 @@ compare a student's pitch with its teacher's.
 
 Decoding is torchcrepe's: `postprocess` with `decode.weighted_argmax` (its default Viterbi
 decoder returns garbage on speech here) and torchcrepe's periodicity (the probability at the
-decoded bin), fed the sigmoid probabilities exactly as `torchcrepe.predict` feeds them (so the
+decoded bin), fed the sigmoid probabilities exactly as `torchcrepe.predict` feeds them. The
 result is predict's, quirks included: weighted_argmax applies a sigmoid again to form its
-weights and averages bin centres it dithered once by up to 10 cents). The metrics follow mir_eval's definitions with the teacher as the reference:
-raw pitch accuracy counts frames the teacher calls voiced (periodicity >= threshold) where the
-student's pitch is within 50 cents of the teacher's; raw chroma accuracy does the same with
-octave errors forgiven; voicing agreement is the fraction of all frames where both make the
-same voiced / unvoiced call.
+weights, and averages bin centres it dithered once by up to 10 cents.
+
+The metrics follow mir_eval's definitions with the teacher as the reference: raw pitch
+accuracy counts frames the teacher calls voiced (periodicity >= threshold) where the student's
+pitch is within 50 cents of the teacher's; raw chroma accuracy does the same with octave errors
+forgiven; voicing agreement is the fraction of all frames where both make the same voiced /
+unvoiced call.
 """
 
 from __future__ import annotations
