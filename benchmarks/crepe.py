@@ -347,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the finished runs, train nothing"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -374,7 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in args.rows:
             if row == "official_tiny" and seed != args.seeds[0]:
                 continue  # the shipped weights: one deterministic evaluation
-            run_dir = run_row(row, seed, out, args, state)
+            if args.report_only:
+                run_dir = out / "runs" / row / f"seed{seed}"
+                if not (run_dir / "metrics.json").is_file():
+                    continue  # not run yet: left out of the report
+            else:
+                run_dir = run_row(row, seed, out, args, state)
             rows[row]["runs"].append(evaluate_run(run_dir, frames, full))
             rows[row]["dirs"].append(str(run_dir))
 
@@ -384,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         state["phases"]["timing"] = time.perf_counter() - started
         save_state(out, state)
     report = {
-        "command": "python benchmarks/crepe.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/crepe.py "
+        + " ".join(a for a in (argv or sys.argv[1:]) if a != "--report-only"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, shared with "
         "other jobs",
         "speakers": speakers,

@@ -81,10 +81,8 @@ class FramesDataset(SafeDataset):
                 ids.append(clip.id)
                 counts.append(0)
                 continue
-            wave = self._decode(clip)
             ids.append(str(clip["id"]))
-            counts.append(max(1, 1 + (len(wave) - window) // hop))
-            self._remember(index, wave)
+            counts.append(max(1, 1 + (self._length(clip) - window) // hop))
         self.clip_ids = ids
         self.ends = np.cumsum(counts, dtype=np.int64)  # frame index just past each clip
 
@@ -95,6 +93,23 @@ class FramesDataset(SafeDataset):
             return mono_at(clip["audio"], self.sample_rate, self._resamplers)
         except DataError as err:
             raise DataError(f"clip {clip.get('id')}: {err}") from None
+
+    def _length(self, clip: RawSample) -> int:
+        """Samples of `clip` at `sample_rate`, without resampling it: torchaudio's resampler
+        returns ceil(samples x target / rate) samples."""
+        from mmkd.adapters.audio import sample_rate
+
+        if "audio" not in clip:
+            raise ConfigError(f"data.frames: sample {clip.get('id')} has no audio to cut")
+        try:
+            samples, rate = clip["audio"]
+            length = len(samples)
+            rate = sample_rate(rate)
+        except (TypeError, ValueError, DataError) as err:
+            raise DataError(
+                f"clip {clip.get('id')}: not a (waveform, sample_rate) pair ({err})"
+            ) from None
+        return -(-length * self.sample_rate // rate)
 
     def _remember(self, index: int, wave: np.ndarray) -> None:
         self._cache[index] = wave
