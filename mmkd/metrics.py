@@ -23,6 +23,7 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 from mmkd.adapters import Adapter
 from mmkd.adapters.base import class_scores
 from mmkd.latency import count_parameters, cpu_latency_ms
+from mmkd.pitch import pitch_agreement
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -37,6 +38,9 @@ class Collected:
     modalities: dict[str, str] = field(default_factory=dict)
     first_inputs: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # for timing
     skipped: int = 0
+    multilabel: set[str] = field(default_factory=set)  # roles whose scores are sigmoid logits
+    # roles whose scores decode to pitch: role -> (pitch Hz, periodicity, voicing threshold)
+    pitch: dict[str, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -71,6 +75,11 @@ def collect(
     out.embeddings = {r: torch.cat(v) for r, v in embeddings.items() if v}
     out.scores = {r: torch.cat(v) for r, v in scores.items() if v}
     out.labels = torch.cat(labels) if labels else None
+    out.multilabel = {r for r, m in models.items() if getattr(m, "multilabel", False)}
+    for role, model in models.items():
+        if getattr(model, "pitch_output", False) and role in out.scores:
+            pitch, periodicity = model.decode(out.scores[role])
+            out.pitch[role] = (pitch, periodicity, float(model.spec.crepe.voicing_threshold))
     return out
 
 
@@ -128,9 +137,16 @@ def teacher_metrics(collected: Collected, teacher_roles: Sequence[str]) -> dict[
         for role, emb in collected.embeddings.items():
             if role in teacher_roles:
                 continue
-            if role in collected.scores and teacher in collected.scores:
+            multilabel = {role, teacher} & collected.multilabel
+            if role in collected.scores and teacher in collected.scores and not multilabel:
                 same = collected.scores[role].argmax(-1) == collected.scores[teacher].argmax(-1)
                 metrics[f"{role}/{teacher}_agreement"] = float(same.float().mean())
+            if role in collected.pitch and teacher in collected.pitch:
+                pitch, periodicity, _ = collected.pitch[role]
+                t_pitch, t_periodicity, threshold = collected.pitch[teacher]
+                found = pitch_agreement(pitch, t_pitch, periodicity, t_periodicity, threshold)
+                prefix = "" if teacher == "teacher" else f"{teacher}_"
+                metrics.update({f"{role}/{prefix}{k}": v for k, v in found.items()})
             if emb.shape[1] == teacher_emb.shape[1]:
                 cosine = F.cosine_similarity(emb, teacher_emb).mean()
                 metrics[f"{role}/{teacher}_cosine"] = float(cosine)
@@ -144,7 +160,13 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Flat metric keys: ROLE/accuracy|precision|recall|f1, ROLE/teacher_agreement,
     ROLE/teacher_cosine (ROLE/teacher_NAME_... for named teachers),
-    retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples."""
+    retrieval/QUERY_to_GALLERY/R@K|mAP, data/skipped_samples, and for pitch models
+    ROLE/raw_pitch_accuracy|raw_chroma_accuracy|voicing_agreement against the teacher
+    (mmkd.pitch; the teacher's voicing threshold).
+
+    teacher_agreement (same argmax class) is skipped for multi-label (sigmoid) outputs: the
+    classes are independent yes/no decisions, so the argmax is not the model's prediction (for
+    pitch, the pitch metrics measure agreement instead)."""
     if teacher_roles is None:
         teacher_roles = ()
     elif isinstance(teacher_roles, str):

@@ -91,7 +91,8 @@ def run(adapter: Adapter, raws: list[Any], train: bool = False) -> tuple[dict, A
 
 def test_every_built_in_adapter_has_a_tiny_spec() -> None:
     built_in = {n for n in ADAPTERS if ADAPTERS.get(n).__module__.startswith("mmkd.adapters.")}
-    assert built_in == set(TINY_SPECS)
+    # crepe has CREPE's fixed outputs (360 pitch bins, no projection head): tests/test_crepe.py
+    assert built_in - {"crepe"} == set(TINY_SPECS)
 
 
 @pytest.mark.parametrize("name", NAMES)

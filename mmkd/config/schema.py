@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 # Each adapter family's sections live beside its code, in light modules (no model libraries)
 from mmkd.adapters.audio_config import AudioCfg, AudioCnnCfg, Wav2Vec2Cfg
 from mmkd.adapters.backbone_config import TimmCfg
+from mmkd.adapters.crepe_config import CrepeCfg
 from mmkd.adapters.image_config import ImageCfg
 from mmkd.adapters.sections import Section
 from mmkd.adapters.text_config import TextCfg
@@ -39,7 +40,7 @@ class HeadCfg:
 class AdapterSpec:
     """One model: preprocessing + encoder + head. `adapter` picks the implementation."""
 
-    # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert
+    # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert | crepe
     adapter: str = "image"
     # a run's exported model folder (DIR/student) or a .safetensors file of this adapter's state
     weights: Optional[str] = None
@@ -57,6 +58,7 @@ class AdapterSpec:
     audio: AudioCfg = field(default_factory=AudioCfg)
     cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
     wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
+    crepe: CrepeCfg = field(default_factory=CrepeCfg)
     options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin adapters
 
 
@@ -172,6 +174,17 @@ class FolderCfg:
 
 
 @dataclass
+class FramesCfg:
+    """Audio read as fixed windows with a hop (mmkd.data.frames): each window is a sample
+    `CLIP_ID@OFFSET`; labels are dropped."""
+
+    window: Optional[int] = None  # samples per frame at sample_rate; None: whole clips
+    hop: int = 512  # samples between frame starts
+    sample_rate: int = 16000  # clips are downmixed and resampled to this rate
+    cache_clips: int = 16  # decoded clips kept per process (least recently used out first)
+
+
+@dataclass
 class DataCfg:
     # dataset registry name: demo | manifest | folder | fsdd | mnist | av_digits | webdataset | hf
     name: str = "demo"
@@ -201,6 +214,7 @@ class DataCfg:
     av_digits: AvDigitsCfg = field(default_factory=AvDigitsCfg)
     webdataset: WebDatasetCfg = field(default_factory=WebDatasetCfg)
     hf: HfCfg = field(default_factory=HfCfg)
+    frames: FramesCfg = field(default_factory=FramesCfg)
 
 
 # --------------------------------------------------------------------------- losses

@@ -32,6 +32,10 @@ POSITIVE = (
     "distill.store.chunk_size",
     "distill.store.max_gb",
     "trainer.num_nodes",
+    "data.frames.window",
+    "data.frames.hop",
+    "data.frames.sample_rate",
+    "data.frames.cache_clips",
 )
 NON_NEGATIVE = (
     "data.num_workers",

@@ -17,7 +17,12 @@ from mmkd.data.base import DATASETS, DatasetSplits
 
 def build_splits(cfg: DictConfig) -> DatasetSplits:
     """The splits of the dataset `cfg.name` (`cfg` is the `data` config node)."""
-    return DATASETS.get(cfg.name, key="data.name")(cfg)
+    splits = DATASETS.get(cfg.name, key="data.name")(cfg)
+    if cfg.get("frames") is not None and cfg.frames.window is not None:
+        from mmkd.data.frames import frame_splits
+
+        splits = frame_splits(splits, cfg)
+    return splits
 
 
 __all__ = ["DATASETS", "DatasetSplits", "build_splits"]

@@ -141,13 +141,19 @@ def build_folder(cfg: DictConfig) -> DatasetSplits:
         raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")
     train = index_folder(Path(f.train).expanduser(), "data.folder.train", None, None, cfg.on_error)
     names = train.class_names
+    # read as frames, labels are dropped: val / test folders may hold any class folders
+    frames = cfg.get("frames") is not None and cfg.frames.window is not None
 
     def optional(key: str) -> FolderDataset | None:
         value = f[key]
         if value is None:
             return None
         return index_folder(
-            Path(value).expanduser(), f"data.folder.{key}", names, train.modality, cfg.on_error
+            Path(value).expanduser(),
+            f"data.folder.{key}",
+            None if frames else names,
+            train.modality,
+            cfg.on_error,
         )
 
     val = optional("val")

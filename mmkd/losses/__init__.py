@@ -20,6 +20,7 @@ from .base import (
 from .embedding import contrastive_loss, embed_loss, rkd_angle, rkd_distance
 from .layers import attention_loss, hint_loss, similarity_loss
 from .logits import dkd_loss, kd_loss
+from .sigmoid import sigmoid_kd_loss
 from .term_set import DistillLoss, active_terms
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "register_term",
     "rkd_angle",
     "rkd_distance",
+    "sigmoid_kd_loss",
     "similarity_loss",
     "term_classes",
 ]
