@@ -155,3 +155,54 @@ def test_a_worker_copy_maps_the_files_again(media, data_cfg, tmp_path):
     assert cached._maps  # opened lazily, on first read
     copy = pickle.loads(pickle.dumps(cached))
     assert copy._maps == {} and np.array_equal(copy[0]["image"], cached[0]["image"])
+
+
+def test_training_batches_are_the_same_with_and_without_the_cache(media, data_cfg, tmp_path):
+    """The cache changes where pixels come from, not the batches: same ids, same views."""
+    from mmkd.adapters.image import ImagePreprocessor
+    from mmkd.data.module import DistillDataModule
+
+    for name in ("x", "y"):
+        for i in range(6):
+            media.png(f"tree/{name}/{i}.png", size=(8, 8), mode="RGB")
+    data_config = {
+        "input_size": (3, 8, 8),
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    train = {"scale": (0.08, 1.0), "hflip": 0.5, "color_jitter": 0.0, "crop_padding": 2}
+    pre = {"student": ImagePreprocessor(data_config, train, "convert")}
+    batches = {}
+    for mode in ("true", "false"):
+        cfg = data_cfg(
+            "folder",
+            folder={"train": str(media.path("tree")), "val_size": 2},
+            batch_size=4,
+            num_workers=0,
+            decode_cache=mode,
+            decode_cache_dir=str(tmp_path),
+        )
+        module = DistillDataModule(cfg, build_splits(cfg), pre, pre, seed=3)
+        assert isinstance(module.train_set, DecodedDataset) == (mode == "true")
+        assert isinstance(module.val_set, DecodedDataset) == (mode == "true")
+        batches[mode] = list(module.train_dataloader())
+    for cached, plain in zip(batches["true"], batches["false"], strict=True):
+        assert cached["ids"] == plain["ids"] and cached["views"] == plain["views"]
+        assert torch.equal(
+            cached["inputs"]["student"]["pixels"], plain["inputs"]["student"]["pixels"]
+        )
+
+
+def test_a_bad_setting_fails_at_start_up():
+    from mmkd.config import compose, validate
+
+    for override, key in (
+        ("data.decode_cache=sometimes", "data.decode_cache:"),
+        ("data.decode_cache_max_gb=0", "data.decode_cache_max_gb:"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            validate(compose([override]))
+    validate(compose(["data.decode_cache=false"]))  # a YAML boolean is accepted
