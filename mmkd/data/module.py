@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class RoleCollate:
-    """Preprocess every raw sample once per role and batch the results.
+    """Preprocess every raw sample once per role and batch the results: a role whose
+    preprocessor can take the whole batch at once (`Preprocessor.prepare_batch`, given each
+    sample's view seed) does, the others preprocess sample by sample; both give the same batch.
 
     A sample that fails (missing modality, undecodable input, label outside the class set)
     raises `DataError` naming the sample (and its "where", e.g. a manifest row, when it has one),
