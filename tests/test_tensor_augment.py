@@ -58,6 +58,8 @@ def test_views_are_the_same_per_sample_and_batched():
     at_once = collate(batched=True)(batch)["inputs"]["student"]["pixels"]
     assert at_once.dtype == torch.float32 and at_once.shape == (24, 3, SIZE, SIZE)
     assert torch.equal(one_by_one, at_once)
+    for pixels in (one_by_one, at_once):  # the layout CPU convolutions run fastest on
+        assert pixels.is_contiguous(memory_format=torch.channels_last)
     # the views differ from each other (the augmentation really ran) ...
     plain = collate(batched=True, train=False)(batch)["inputs"]["student"]["pixels"]
     assert not torch.equal(at_once, plain)

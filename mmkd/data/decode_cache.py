@@ -248,7 +248,8 @@ class DecodedDataset(Dataset):
     def array(self, start: int, modality: str) -> np.ndarray:
         key = (start, modality)
         if key not in self._maps:
-            self._maps[key] = np.load(self.folder / f"{start:09d}.{modality}.npy", mmap_mode="r")
+            mapped = np.load(self.folder / f"{start:09d}.{modality}.npy", mmap_mode="r")
+            self._maps[key] = np.asarray(mapped)  # still mapped; slices skip np.memmap's overhead
         return self._maps[key]
 
     def __getitem__(self, index: int) -> RawSample | Skipped:
