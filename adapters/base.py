@@ -61,6 +61,15 @@ class Preprocessor(ABC):
     @abstractmethod
     def collate(self, items: list[Any]) -> Batch: ...
 
+    def prepare_batch(
+        self, raws: list[Any], *, train: bool, seeds: list[int] | None
+    ) -> Batch | None:
+        """`collate` of every raw sample preprocessed, computed for the whole batch at once, or
+        None (the default) to have each sample preprocessed in turn. `seeds`: the view seed of
+        each sample (`mmkd.replay.view_seed`) when training augments replayably; the result
+        must equal what `self(raw, train=True)` gives inside `replay_scope` for that seed."""
+        return None
+
     def identity(self) -> dict[str, Any]:
         """Everything that changes the output for a given input (keys the teacher cache)."""
         return {"class": type(self).__name__, "settings": self.settings}

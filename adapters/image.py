@@ -1,8 +1,22 @@
-"""Image adapter: any timm model, preprocessed with timm's data config and transforms."""
+"""Image adapter: any timm model, preprocessed with timm's data config and transforms.
+
+Preprocessing yields uint8 tensors (C, H, W); `collate` stacks them and normalises the batch
+once (`float / 255`, then mean / std: the same operations, in the same order, as torchvision's
+ToTensor + Normalize, so the values are bit-identical to normalising each image).
+
+Images that already have the model's channels and input size (decoded-cache arrays, CIFAR)
+take a tensor path: the CIFAR pad-crop + flip runs on uint8 tensors, for a whole batch at once
+in `prepare_batch`. Its random draws are torchvision's RandomCrop + RandomHorizontalFlip draws,
+in their order, from a generator seeded like `replay_scope` seeds torch, so a view is the same
+tensor per sample or batched, and the same as the PIL transforms give. Everything else (other
+sizes, channel conversion, timm's random-resized crop, colour jitter) runs timm's /
+torchvision's PIL transforms per sample, as before.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,6 +25,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as TF
 
 from mmkd.errors import ConfigError, DataError
 
@@ -72,8 +87,67 @@ def train_transform(
     return T.Compose(steps)
 
 
+def uint8_steps(transform: Callable[[Image.Image], Tensor]) -> T.Compose:
+    """`transform` (a Compose ending in ToTensor + Normalize) ending in PILToTensor instead:
+    the batch is normalised once, in `ImagePreprocessor.collate`."""
+    steps = list(transform.transforms)  # type: ignore[attr-defined]
+    tail = [type(t).__name__ for t in steps[-2:]]
+    if tail[0] not in ("ToTensor", "MaybeToTensor") or tail[1] != "Normalize":
+        raise TypeError(f"expected a transform ending in ToTensor, Normalize; got {tail}")
+    return T.Compose([*steps[:-2], T.PILToTensor()])
+
+
+@dataclass(frozen=True)
+class PadCropFlip:
+    """The CIFAR augmentation on uint8 tensors: reflect-pad, random crop, random h-flip."""
+
+    size: tuple[int, int]
+    padding: int
+    hflip: float
+
+    def params(
+        self, height: int, width: int, generator: torch.Generator | None = None
+    ) -> tuple[int, int, bool]:
+        """(top, left, flip): torchvision's RandomCrop(padding) and RandomHorizontalFlip draws,
+        in their order (None: the global torch generator, as those transforms use)."""
+        th, tw = self.size
+        h, w = height + 2 * self.padding, width + 2 * self.padding
+        top = left = 0
+        if (h, w) != (th, tw):
+            top = int(torch.randint(0, h - th + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, w - tw + 1, size=(1,), generator=generator).item())
+        flip = self.hflip > 0 and bool(torch.rand(1, generator=generator).item() < self.hflip)
+        return top, left, flip
+
+    def apply(self, image: Tensor, params: tuple[int, int, bool]) -> Tensor:
+        """One image (C, H, W), with torchvision's v2 functional ops."""
+        top, left, flip = params
+        padded = TF.pad(image, [self.padding], padding_mode="reflect")
+        out = TF.crop(padded, top, left, *self.size)
+        return TF.horizontal_flip(out) if flip else out
+
+    def apply_batch(self, images: Tensor, params: list[tuple[int, int, bool]]) -> Tensor:
+        """A batch (B, H, W, C) -> (B, C, h, w) in one gather: each output pixel is read from
+        its reflected source position (what pad + crop + flip compute image by image)."""
+        b, height, width, _ = images.shape
+        p = self.padding
+        table = torch.tensor(params, dtype=torch.long)  # (B, 3)
+
+        def reflected(start: Tensor, count: int, length: int) -> Tensor:
+            pos = start[:, None] + torch.arange(count) - p  # position in the unpadded image
+            pos = pos.abs()
+            return torch.where(pos >= length, 2 * (length - 1) - pos, pos)
+
+        rows = reflected(table[:, 0], self.size[0], height)
+        cols = reflected(table[:, 1], self.size[1], width)
+        cols = torch.where(table[:, 2:3].bool(), cols.flip(1), cols)
+        picked = images[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return picked.permute(0, 3, 1, 2)  # channels-last strides, as `normalize` wants
+
+
 class ImagePreprocessor(Preprocessor):
-    """PIL image or uint8 array -> normalised tensor (C, H, W) through timm's transforms."""
+    """PIL image or uint8 array -> uint8 tensor (C, H, W) through timm's transforms (or the
+    tensor path, see the module docstring); `collate` normalises the batch."""
 
     modality = "image"
 
@@ -89,14 +163,51 @@ class ImagePreprocessor(Preprocessor):
         )
         self.mode = PIL_MODES[data_config["input_size"][0]]
         self.channel_mismatch = channel_mismatch
-        self.eval_transform = create_transform(**data_config, is_training=False)
+        self.size: tuple[int, int] = tuple(data_config["input_size"][1:])  # type: ignore[assignment]
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.eval_transform = uint8_steps(create_transform(**data_config, is_training=False))
         self.train_transform = (
-            train_transform(data_config, **train_options)
+            uint8_steps(train_transform(data_config, **train_options))
             if train_options is not None
             else self.eval_transform
         )
+        # the tensor path: eval leaves an image at the input size as it is (resize to the
+        # size, centre crop of all of it); training does the CIFAR pad-crop + flip
+        self.eval_is_identity = float(data_config.get("crop_pct", 1.0)) == 1.0
+        self.pad_crop = None
+        if train_options and train_options["crop_padding"] and not train_options["color_jitter"]:
+            self.pad_crop = PadCropFlip(
+                self.size, int(train_options["crop_padding"]), float(train_options["hflip"])
+            )
+
+    def tensor_input(self, raw: Any) -> np.ndarray | None:
+        """`raw` as a uint8 array (H, W) / (H, W, C) when it has the model's channels and input
+        size (the tensor path applies); None otherwise."""
+        if isinstance(raw, Image.Image):
+            if raw.mode != self.mode or raw.size[::-1] != self.size:
+                return None
+            raw = np.asarray(raw)
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+            return None
+        channels = 1 if raw.ndim == 2 else raw.shape[-1] if raw.ndim == 3 else 0
+        if raw.shape[:2] != self.size or channels != len(self.mode):
+            return None
+        return raw
+
+    def tensor_path(self, train: bool) -> bool:
+        """Whether the tensor path implements this (train or eval) transform."""
+        if train and self.randomized_in_training:
+            return self.pad_crop is not None
+        return self.eval_is_identity
 
     def __call__(self, raw: Any, *, train: bool) -> Tensor:
+        array = self.tensor_input(raw) if self.tensor_path(train) else None
+        if array is not None:
+            image = torch.from_numpy(np.array(array).reshape(*self.size, -1)).permute(2, 0, 1)
+            if train and self.pad_crop is not None:
+                return self.pad_crop.apply(image, self.pad_crop.params(*self.size))
+            return image.contiguous()
         image = to_pil(raw)
         if image.mode != self.mode:
             if self.channel_mismatch == "error":
@@ -110,8 +221,40 @@ class ImagePreprocessor(Preprocessor):
                 raise DataError(f"image mode {image.mode} cannot be converted: {err}") from None
         return (self.train_transform if train else self.eval_transform)(image)
 
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> float, as ToTensor + Normalize compute it per image, laid out
+        channels-last: convolutions and batch norm on the CPU run faster on it (measured here
+        on ResNet-8: 1.6x per convolution, 3x per batch norm, with oneDNN); the values are
+        the same, the model's float sums may round differently."""
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return pixels.to(torch.get_default_dtype()).div(255).sub_(self.mean).div_(self.std)
+
     def collate(self, items: list[Tensor]) -> Batch:
-        return {"pixels": torch.stack(items)}
+        return {"pixels": self.normalize(torch.stack(items))}
+
+    def prepare_batch(
+        self, raws: list[Any], *, train: bool, seeds: list[int] | None
+    ) -> Batch | None:
+        """The whole batch on the tensor path, or None when any image needs the PIL path.
+        `seeds`: each sample's view seed (`mmkd.replay.view_seed`); None draws from the
+        global generator, in order, as calling `self(raw, train=True)` per image would."""
+        if not raws or not self.tensor_path(train):
+            return None
+        arrays = [self.tensor_input(raw) for raw in raws]
+        if any(a is None for a in arrays):
+            return None
+        images = torch.from_numpy(np.stack(arrays).reshape(len(arrays), *self.size, -1))
+        if train and self.pad_crop is not None:
+            generator = torch.Generator() if seeds is not None else None
+            params = []
+            for i in range(len(arrays)):
+                if generator is not None:
+                    generator.manual_seed(seeds[i])  # type: ignore[index]
+                params.append(self.pad_crop.params(*self.size, generator=generator))
+            pixels = self.pad_crop.apply_batch(images, params)
+        else:
+            pixels = images.permute(0, 3, 1, 2)
+        return {"pixels": self.normalize(pixels)}
 
 
 @ADAPTERS.register("image")

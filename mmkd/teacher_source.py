@@ -149,7 +149,7 @@ class StoredTeacher:
                 augmented=train,
                 batch_size=datamodule.eval_batch_size,
                 device=module.device,
-                num_workers=cfg.data.num_workers,
+                num_workers=datamodule.num_workers,
                 label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))

@@ -88,3 +88,19 @@ class MediaWriter:
 @pytest.fixture
 def media(tmp_path: Path) -> MediaWriter:
     return MediaWriter(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def decode_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """The decode cache (data.decode_cache=auto by default) writes under a temporary folder."""
+    monkeypatch.setenv("MMKD_CACHE_DIR", str(tmp_path_factory.mktemp("mmkd_cache")))
+
+
+@pytest.fixture(autouse=True)
+def no_chosen_workers(monkeypatch) -> None:
+    """data.num_workers=null picks 0 workers in tests whatever this (shared, loaded) machine's
+    timing says, so runs do not depend on it; tests that want workers set them, and
+    tests/test_workers.py checks the real rule."""
+    from mmkd.data import workers
+
+    monkeypatch.setattr(workers, "CPU_CHEAP_BATCH_S", float("inf"))

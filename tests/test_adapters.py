@@ -355,12 +355,15 @@ def test_image_grayscale_file_converted_to_rgb(built: dict[str, Adapter], files:
     pre = built["image"].make_preprocessor()
     gray = Image.open(files["gray"])
     assert gray.mode == "L" and gray.size == (48, 40)
-    pixels = pre(gray, train=False)
-    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+    item = pre(gray, train=False)
+    assert item.shape == (3, 32, 32) and item.dtype == torch.uint8  # normalised by collate
+    pixels = pre.collate([item])["pixels"][0]
+    assert pixels.dtype == torch.float32
     restored = denormalise(pixels, pre.settings)
     assert torch.allclose(restored[0], restored[1], atol=1e-5)
     assert torch.allclose(restored[1], restored[2], atol=1e-5)
-    rgb = denormalise(pre(Image.open(files["rgb"]), train=False), pre.settings)
+    rgb_item = pre(Image.open(files["rgb"]), train=False)
+    rgb = denormalise(pre.collate([rgb_item])["pixels"][0], pre.settings)
     assert not torch.allclose(rgb[0], rgb[1], atol=1e-2)
     assert restored.min() >= 0 and restored.max() <= 1 + 1e-5
 

@@ -193,7 +193,14 @@ class DataCfg:
     )
     batch_size: int = 64
     eval_batch_size: Optional[int] = None  # None: batch_size
-    num_workers: int = 0
+    # DataLoader worker processes; None: chosen from the core count and the measured cost of
+    # preparing a batch (mmkd.data.workers; the choice is logged at start-up)
+    num_workers: Optional[int] = None
+    # decode each sample once into memory-mapped arrays (mmkd.data.decode_cache): auto (on for
+    # file-backed data when it fits: <= 25% of RAM and 50% of free disk) | true | false
+    decode_cache: str = "auto"
+    decode_cache_dir: Optional[str] = None  # None: $MMKD_CACHE_DIR/decoded or ~/.cache/mmkd/decoded
+    decode_cache_max_gb: Optional[float] = 20.0  # refuse a larger decoded split (None: no limit)
     train_labels: bool = True  # false: labels of the training split never reach the loss
     val_fraction: float = 0.1  # held out from train when a dataset has no validation split
     max_train_samples: Optional[int] = None  # deterministic random subset, for quick runs

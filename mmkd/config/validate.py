@@ -31,6 +31,7 @@ POSITIVE = (
     "distill.store.logits_topk",
     "distill.store.chunk_size",
     "distill.store.max_gb",
+    "data.decode_cache_max_gb",
     "trainer.num_nodes",
     "data.frames.window",
     "data.frames.hop",
@@ -117,6 +118,7 @@ def validate(cfg: DictConfig) -> None:
 
     The modules of `run.plugins` are imported first, so the names they register validate."""
     from mmkd.data import DATASETS
+    from mmkd.data.decode_cache import cache_mode
     from mmkd.loggers import check_loggers
     from mmkd.plugins import import_plugins
 
@@ -138,6 +140,7 @@ def validate(cfg: DictConfig) -> None:
         base = OmegaConf.select(composed, key) if composed is not None else None
         _check_adapter(key, spec, base)
     DATASETS.get(cfg.data.name, key="data.name")
+    cache_mode(cfg.data)  # data.decode_cache: auto | true | false
     check_loggers(cfg.run.loggers)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")

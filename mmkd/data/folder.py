@@ -78,6 +78,10 @@ class FolderDataset(SafeDataset):
     def sample_id(self, index: int) -> str:
         return self.items[index][0]
 
+    def decode_sources(self, index: int) -> dict[str, Path]:
+        """The file each modality of sample `index` is decoded from (keys the decode cache)."""
+        return {self.modality: self.root / self.items[index][0]}
+
     def load(self, index: int) -> RawSample:
         path, label = self.items[index]
         return {"id": path, "label": label, self.modality: self.read(self.root / path)}

@@ -23,19 +23,24 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mmkd.adapters.base import Preprocessor
 from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
+from mmkd.data.decode_cache import decoded
 from mmkd.data.webdataset import ShardStream, StreamLoader
+from mmkd.data.workers import LoaderSettings, loader_settings
 from mmkd.errors import DataError
-from mmkd.replay import ViewPolicy, replay_scope
+from mmkd.replay import ViewPolicy, replay_scope, view_seed
 
 log = logging.getLogger(__name__)
 
 
 class RoleCollate:
-    """Preprocess every raw sample once per role and batch the results.
+    """Preprocess every raw sample once per role and batch the results: a role whose
+    preprocessor can take the whole batch at once (`Preprocessor.prepare_batch`, given each
+    sample's view seed) does, the others preprocess sample by sample; both give the same batch.
 
     A sample that fails (missing modality, undecodable input, label outside the class set)
     raises `DataError` naming the sample (and its "where", e.g. a manifest row, when it has one),
@@ -52,6 +57,7 @@ class RoleCollate:
         on_error: str = "raise",
         replay_seed: int | None = None,
         warn_skips: bool = True,
+        batched: bool = True,
     ) -> None:
         self.warn_skips = warn_skips  # False: the caller reports batch["skipped_ids"] itself
         self.preprocessors = dict(preprocessors)
@@ -60,25 +66,43 @@ class RoleCollate:
         self.num_classes = num_classes
         self.on_error = on_error
         self.replay_seed = replay_seed  # training: augment in replay_scope(seed, id, view)
+        self.batched = batched  # False: every sample preprocessed alone (prepare_batch unused)
 
-    def prepare(self, sample: RawSample) -> dict[str, Any]:
-        out = {}
+    def check(self, sample: RawSample) -> None:
+        """DataError when the sample lacks a modality a role reads or its label is out of range."""
         for role, pre in self.preprocessors.items():
             if pre.modality not in sample:
                 raise DataError(f"has no {pre.modality!r} (needed by {role})")
-            raw = sample[pre.modality]
-            if self.train and self.replay_seed is not None and pre.randomized_in_training:
-                with replay_scope(self.replay_seed, sample["id"], sample.get("view", 0)):
-                    out[role] = pre(raw, train=True)
-            else:
-                out[role] = pre(raw, train=self.train)
         label = sample.get("label")
         if label is not None and self.num_classes and not 0 <= label < self.num_classes:
             raise DataError(f"label {label} is outside the {self.num_classes} classes")
-        return out
+
+    def replayed(self, pre: Preprocessor) -> bool:
+        return self.train and self.replay_seed is not None and pre.randomized_in_training
+
+    def transform(self, role: str, sample: RawSample) -> Any:
+        """One role's input for one sample (augmented in its replay scope when training)."""
+        pre = self.preprocessors[role]
+        raw = sample[pre.modality]
+        if self.replayed(pre):
+            with replay_scope(self.replay_seed, sample["id"], sample.get("view", 0)):  # type: ignore[arg-type]
+                return pre(raw, train=True)
+        return pre(raw, train=self.train)
+
+    def prepare(self, sample: RawSample) -> dict[str, Any]:
+        self.check(sample)
+        return {role: self.transform(role, sample) for role in self.preprocessors}
+
+    def reject(self, sample: RawSample, err: DataError, reasons: list[tuple[str, str]]) -> None:
+        """Raise `err` naming the sample, or record it in `reasons` (on_error=skip)."""
+        name = sample.get("id")
+        if sample.get("where"):
+            name = f"{name} ({sample['where']})"
+        if self.on_error != "skip":
+            raise DataError(f"sample {name}: {err}") from None
+        reasons.append((str(name), str(err)))
 
     def __call__(self, samples: list[RawSample | Skipped]) -> dict[str, Any]:
-        prepared: list[dict[str, Any]] = []
         kept: list[RawSample] = []
         skipped = 0
         reasons: list[tuple[str, str]] = []
@@ -88,25 +112,52 @@ class RoleCollate:
                 skipped += 1
                 continue
             try:
-                prepared.append(self.prepare(sample))
+                self.check(sample)
             except DataError as err:
-                name = sample.get("id")
-                if sample.get("where"):
-                    name = f"{name} ({sample['where']})"
-                if self.on_error != "skip":
-                    raise DataError(f"sample {name}: {err}") from None
-                reasons.append((str(name), str(err)))
+                self.reject(sample, err, reasons)
                 skipped += 1
                 continue
             kept.append(sample)
+        inputs: dict[str, Any] = {}
+        for role, pre in self.preprocessors.items():  # whole batches where the role can
+            if kept and self.batched:
+                seeds = None
+                if self.replayed(pre):
+                    seeds = [
+                        view_seed(self.replay_seed, s["id"], s.get("view", 0))  # type: ignore[arg-type]
+                        for s in kept
+                    ]
+                batch = pre.prepare_batch(
+                    [s[pre.modality] for s in kept], train=self.train, seeds=seeds
+                )
+                if batch is not None:
+                    inputs[role] = batch
+        per_sample = [role for role in self.preprocessors if role not in inputs]
+        if per_sample:
+            prepared: list[dict[str, Any]] = []
+            rows: list[int] = []
+            for row, sample in enumerate(kept):
+                try:
+                    prepared.append({role: self.transform(role, sample) for role in per_sample})
+                except DataError as err:
+                    self.reject(sample, err, reasons)
+                    skipped += 1
+                    continue
+                rows.append(row)
+            if len(rows) < len(kept):  # drop the failed samples from the batched roles too
+                index = torch.tensor(rows, dtype=torch.long)
+                inputs = {r: {k: v[index] for k, v in b.items()} for r, b in inputs.items()}
+                kept = [kept[row] for row in rows]
+                if not kept:
+                    inputs = {r: {} for r in inputs}
+            for role in per_sample:
+                pre = self.preprocessors[role]
+                inputs[role] = pre.collate([p[role] for p in prepared]) if prepared else {}
         if self.warn_skips:
             for name, reason in reasons:
                 log.warning("skipped sample %s: %s", name, reason)
         batch: dict[str, Any] = {
-            "inputs": {
-                role: pre.collate([p[role] for p in prepared]) if prepared else {}
-                for role, pre in self.preprocessors.items()
-            },
+            "inputs": {role: inputs[role] for role in self.preprocessors},
             "ids": [s["id"] for s in kept],
             "skipped": skipped,
             "skipped_ids": reasons,
@@ -186,6 +237,47 @@ class DistillDataModule(pl.LightningDataModule):
         self.train_set = limit(splits.train, cfg.max_train_samples, subset_seed)
         self.val_set = limit(splits.val, cfg.max_eval_samples, subset_seed)
         self.test_set = limit(splits.test, cfg.max_eval_samples, subset_seed)
+        self._decode_once()
+        self._loader_settings: LoaderSettings | None = None
+
+    def _decode_once(self) -> None:
+        """Swap each map-style split for its decode-cache entry (data.decode_cache); val and
+        test, often the same samples, share one entry."""
+        done: dict[int, Dataset] = {}
+        for split in ("train", "val", "test"):
+            dataset = getattr(self, f"{split}_set")
+            if isinstance(dataset, ShardStream):
+                continue
+            if id(dataset) not in done:
+                done[id(dataset)] = decoded(dataset, self.cfg, split)
+            setattr(self, f"{split}_set", done[id(dataset)])
+
+    @property
+    def loader_settings(self) -> LoaderSettings:
+        """Workers and pinned memory, chosen once (mmkd.data.workers) and logged."""
+        if self._loader_settings is None:
+            trainer = self.trainer
+            cuda = (
+                isinstance(trainer.accelerator, CUDAAccelerator)
+                if trainer is not None
+                else torch.cuda.is_available()
+            )
+            train, collate = self.train_set, self._collate(train=True)
+            # a stream cannot be probed: 0 workers unless data.num_workers says otherwise
+            size = 0 if isinstance(train, ShardStream) else len(train)  # type: ignore[arg-type]
+            viewed = ViewedDataset(train)
+            self._loader_settings = loader_settings(
+                self.cfg.num_workers,
+                lambda indices: collate([viewed[(i, 0)] for i in indices]),
+                size,
+                self.cfg.batch_size,
+                cuda,
+            )
+        return self._loader_settings
+
+    @property
+    def num_workers(self) -> int:
+        return self.loader_settings.num_workers
 
     @property
     def eval_batch_size(self) -> int:
@@ -197,7 +289,16 @@ class DistillDataModule(pl.LightningDataModule):
         only matters when it changes which samples are in the split)."""
         data = OmegaConf.to_container(self.cfg, resolve=True)
         assert isinstance(data, dict)
-        not_content = ("batch_size", "eval_batch_size", "num_workers", "on_error", "train_labels")
+        not_content = (
+            "batch_size",
+            "eval_batch_size",
+            "num_workers",
+            "on_error",
+            "train_labels",
+            "decode_cache",
+            "decode_cache_dir",
+            "decode_cache_max_gb",
+        )
         for key in (*not_content, "max_train_samples", "max_eval_samples", "subset_seed"):
             data.pop(key, None)
         ids = sample_ids(self.train_set if split == "train" else self.val_set)
@@ -217,7 +318,7 @@ class DistillDataModule(pl.LightningDataModule):
     def _loader(
         self, dataset: Dataset, train: bool, test: bool = False, **sampling: Any
     ) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if not sampling:
@@ -226,6 +327,7 @@ class DistillDataModule(pl.LightningDataModule):
             dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=self.loader_settings.pin_memory,
             collate_fn=self._collate(train, test),
             **sampling,
         )
@@ -238,7 +340,7 @@ class DistillDataModule(pl.LightningDataModule):
         resume = None
         if train:
             resume, self._resume_at = self._resume_at, None
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         configured = stream.configured(

@@ -1,0 +1,65 @@
+"""Worker defaults (mmkd.data.workers): what the module docstring and the README say."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmkd.data import workers
+from mmkd.data.workers import choose_workers, loader_settings
+
+
+@pytest.fixture(autouse=True)
+def real_rule(monkeypatch) -> None:
+    """Undo conftest's no_chosen_workers: these tests check the documented rule."""
+    monkeypatch.setattr(workers, "CPU_CHEAP_BATCH_S", 0.05)
+
+
+@pytest.mark.parametrize(
+    ("cores", "batch_ms", "cuda", "expected"),
+    [
+        (2, 3.0, False, 0),  # CPU training, cheap batches (decoded cache): main process
+        (16, 49.0, False, 0),
+        (2, 60.0, False, 1),  # costly batches: at most cores - 1 ...
+        (16, 60.0, False, 8),  # ... one per 5 ms of preparation, at most 8
+        (16, 20.0, False, 0),
+        (16, 20.0, True, 4),  # CUDA: workers even for cheap batches ...
+        (2, 1.0, True, 1),  # ... at least one
+        (4, 1000.0, True, 3),
+        (1, 1000.0, True, 0),  # one core: no worker
+    ],
+)
+def test_worker_count(cores, batch_ms, cuda, expected):
+    assert choose_workers(cores, batch_ms / 1e3, cuda) == expected
+
+
+def test_settings_measure_the_batch_cost_only_when_not_configured(monkeypatch, caplog):
+    calls: list[list[int]] = []
+
+    def prepare(indices: list[int]) -> None:
+        calls.append(indices)
+
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    caplog.set_level("INFO", logger="mmkd.data.workers")
+    chosen = loader_settings(None, prepare, size=100, batch_size=64, cuda=False)
+    assert chosen.num_workers == 0 and not chosen.pin_memory and chosen.chosen
+    assert calls == [[0], list(range(32))]  # one warm-up sample, then a 32-sample probe
+    assert "0 workers (chosen for 2 cores" in caplog.text
+    calls.clear()
+    given = loader_settings(3, prepare, size=100, batch_size=64, cuda=True)
+    assert given.num_workers == 3 and given.pin_memory and calls == []
+    assert "set by data.num_workers" in caplog.text
+
+
+def test_chosen_workers_for_cpu_training_leave_the_other_cores_to_torch(monkeypatch):
+    import time
+
+    import torch
+
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        slow = loader_settings(None, lambda i: time.sleep(0.1), size=100, batch_size=64, cuda=False)
+        assert slow.num_workers == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
