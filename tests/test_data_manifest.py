@@ -80,11 +80,14 @@ def test_csv_manifest_with_configured_classes(clips, data_cfg):
         'img/b.png,"a, quoted one",1\n'  # integer labels index data.manifest.class_names
         "img/a.png,unlabelled,\n"
     )
+    with pytest.raises(DataError, match=r"train\.csv row 4: missing 'label' \(other rows have"):
+        build(data_cfg, clips / "train.csv", class_names=["zero", "one", "two"])
     splits = build(
         data_cfg,
         clips / "train.csv",
         class_names=["zero", "one", "two"],
         val=str(clips / "train.csv"),
+        unlabelled=True,  # the unlabelled row loads with label None
     )
     assert splits.modalities == ("image", "text") and splits.num_classes == 3
     items = [splits.val[i] for i in range(3)]
