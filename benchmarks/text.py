@@ -277,10 +277,13 @@ def latencies(folders: dict[str, Path], seconds: float, rounds: int = 3) -> dict
     return out
 
 
-def data_share(overrides: Sequence[str], epochs: int = 2) -> dict[str, float]:
-    """Share of a labels-only student epoch spent outside the model: seconds to draw every
-    training batch from the loader (token cache, padding, collate) against seconds of the
-    model's forward, backward and optimizer step on those batches, alternated `epochs` times."""
+def data_share(overrides: Sequence[str], batches: int = 12, rounds: int = 3) -> dict[str, float]:
+    """Share of a labels-only student epoch spent outside the model: seconds to draw `batches`
+    training batches from the loader (token cache, padding, collate; the loader's start
+    included) against seconds of the model's forward, backward and optimizer step on those
+    batches, alternated `rounds` times (medians)."""
+    from itertools import islice
+
     from mmkd.config import compose, validate
     from mmkd.data import build_splits
     from mmkd.data.module import DistillDataModule
@@ -302,12 +305,12 @@ def data_share(overrides: Sequence[str], epochs: int = 2) -> dict[str, float]:
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     loader_s, model_s = [], []
-    for _ in range(epochs):
+    for _ in range(rounds):
         started = time.perf_counter()
-        batches = list(data.train_dataloader())
+        drawn = list(islice(iter(data.train_dataloader()), batches))
         loader_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        for batch in batches:
+        for batch in drawn:
             out = student(batch["inputs"]["student"])
             loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
             optimizer.zero_grad()
@@ -417,7 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             *students,
             *rows["bilstm_labels_only"],
-            "teacher=none",
             f"run.dir={out / 'runs' / 'data_share'}",
         ]
     )
@@ -503,7 +505,15 @@ def write_report(
         f"Command: `python benchmarks/text.py --task {task}{' --full' if args.full else ''} "
         f"--seeds {seeds}` on {platform.machine()} with {torch.get_num_threads()} torch threads "
         f"({args.accelerator}); whole benchmark {report['wall_s'] / 60:.1f} min, after the "
-        f"teacher {report['after_teacher_wall_s'] / 60:.1f} min (runs found finished are reused).",
+        f"teacher {report['after_teacher_wall_s'] / 60:.1f} min (runs found finished are reused). "
+        f"Each run's own wall time: teacher {results['teacher/seed0'].get('wall_s', 0) / 60:.1f} "
+        f"min; students "
+        + ", ".join(
+            f"{name} {m['wall_s'] / 60:.1f}"
+            for name, m in results.items()
+            if name != "teacher/seed0" and "wall_s" in m
+        )
+        + " min.",
         "",
         f"Protocol: {protocol['max_length']} tokens; teacher all-MiniLM-L6-v2 fine-tuned "
         f"{protocol['teacher_epochs'][task]} epoch(s) (AdamW 1e-4, warm-up 10 %, weight decay "
@@ -523,6 +533,7 @@ def write_report(
         "bilstm_kd": "bilstm_labels_only",
         "bilstm_kd_aug": "bilstm_labels_only",
         "small_transformer_kd": "small_transformer_kd",
+        "small_transformer_kd_logits": "small_transformer_kd_logits",
     }
     teacher_ms = costs.get("teacher", {}).get("latency_ms")
     for row in (*ROWS, *EXTRA_ROWS):
@@ -586,7 +597,8 @@ def write_report(
     lines += [
         "",
         f"Share of a labels-only BiLSTM epoch spent outside the model (loader: token cache, "
-        f"padding, collate; median of 2 alternated epochs): {share['share'] * 100:.1f} % "
+        f"padding, collate; 12 batches, median of 3 alternated rounds): "
+        f"{share['share'] * 100:.1f} % "
         f"({share['loader_s']:.2f} s loader, {share['model_s']:.2f} s forward + backward + step).",
         "ONNX export: "
         + "; ".join(
