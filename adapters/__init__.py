@@ -37,7 +37,7 @@ __all__ = [
 
 def register_builtins() -> None:
     """Import the built-in adapter modules, which register their adapters."""
-    for module in ("audio", "crepe", "image", "text"):
+    for module in ("audio", "crepe", "image", "text", "text_rnn"):
         importlib.import_module(f".{module}", __name__)
 
 

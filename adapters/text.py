@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -14,8 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from mmkd.errors import ConfigError, DataError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
-
-TEXT_ASSETS = "text"  # folder of an export holding the tokenizer and model config
+from .text_init import TEXT_ASSETS, keep_layers, load_source_model, load_source_tokenizer
 
 
 def load_tokenizer(cfg: DictConfig, key: str) -> Any:
@@ -53,7 +53,11 @@ def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
 
 
 class TextPreprocessor(Preprocessor):
-    """A string -> token ids and attention mask (the model's tokenizer, padded per batch)."""
+    """A string -> its token ids (truncated to max_length); `collate` pads them to the batch's
+    longest text and adds the attention mask.
+
+    `warm` tokenises a whole split once (one batched call, kept on disk by mmkd.data.tokens);
+    a text the cache does not hold is tokenised when it is loaded."""
 
     modality = "text"
 
@@ -63,23 +67,42 @@ class TextPreprocessor(Preprocessor):
         )
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.tokens: dict[str, np.ndarray] = {}  # text -> token ids, filled by `warm`
 
-    def __call__(self, raw: Any, *, train: bool) -> str:
+    def warm(self, texts: Sequence[str], cache_dir: Path | None) -> bool:
+        """Tokenise `texts` once (or read them from the disk cache: returns True)."""
+        from mmkd.data.tokens import load_or_tokenize
+
+        ids, hit = load_or_tokenize(self.tokenizer, texts, self.max_length, cache_dir)
+        self.tokens.update(zip(texts, ids, strict=True))
+        return hit
+
+    def __call__(self, raw: Any, *, train: bool) -> np.ndarray:
         if not isinstance(raw, str):
             raise DataError(f"text must be a string, got {type(raw).__name__}")
         if not raw.strip():
             raise DataError("text is empty")
-        return raw
+        return self.tokenize(raw)
 
-    def collate(self, items: list[str]) -> Batch:
-        encoded = self.tokenizer(
-            items, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {
-            k: v
-            for k, v in encoded.items()
-            if k in ("input_ids", "attention_mask", "token_type_ids")
-        }
+    def tokenize(self, text: str) -> np.ndarray:
+        """The token ids of `text` (from the cache when it holds them)."""
+        ids = self.tokens.get(text)
+        if ids is None:
+            encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
+            ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+        return ids
+
+    def collate(self, items: Sequence[np.ndarray | str]) -> Batch:
+        """Token ids (or texts, tokenised here) padded to the longest one, and the mask."""
+        items = [self.tokenize(item) if isinstance(item, str) else item for item in items]
+        length = max((len(ids) for ids in items), default=0)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, ids in enumerate(items):
+            input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @ADAPTERS.register("text")
@@ -91,8 +114,15 @@ class TextAdapter(Adapter):
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         cfg = self.spec.text
-        self.tokenizer = load_tokenizer(cfg, self.key)
-        model = load_text_model(cfg, self.key)
+        if cfg.init_from:  # a model folder or a run's export (a fine-tuned teacher)
+            key = f"{self.key}.text.init_from"
+            self.tokenizer = load_source_tokenizer(cfg.init_from, key, cfg.trust_remote_code)
+            model = load_source_model(cfg.init_from, key, cfg.trust_remote_code)
+        else:
+            self.tokenizer = load_tokenizer(cfg, self.key)
+            model = load_text_model(cfg, self.key)
+        if cfg.keep_layers:
+            model = keep_layers(model, list(cfg.keep_layers), f"{self.key}.text.keep_layers")
         if getattr(model, "pooler", None) is not None:
             # we pool ourselves; an unused pooler would also break DDP (unused parameters)
             model.pooler = None

@@ -5,7 +5,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
@@ -24,6 +24,12 @@ class TextCfg(Section):
     pooling: str = "mean"  # mean | cls
     max_length: int = 64
     trust_remote_code: bool = False  # never run a hub repository's code unless asked
+    # a model folder / hub id, or a run's exported text model (RUN_DIR/student, e.g. a fine-tuned
+    # teacher) whose tokenizer, config and weights replace model / tokenizer / pretrained
+    init_from: Optional[str] = None
+    # keep only these layers (0-based, in order) of the model: [0, 2, 4] cuts a 6-layer teacher
+    # to 3 layers with its embeddings (DistilBERT's initialisation); None: every layer
+    keep_layers: Optional[List[int]] = None
 
     @classmethod
     def check(cls, cfg: DictConfig, key: str) -> None:
@@ -33,6 +39,8 @@ class TextCfg(Section):
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
         cfg.pretrained = False  # the text adapter also saves the model config and tokenizer
+        cfg.init_from = None  # the saved model config already has only the kept layers
+        cfg.keep_layers = None
 
     @classmethod
     def from_export(cls, cfg: DictConfig, folder: Path) -> None:

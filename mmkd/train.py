@@ -168,8 +168,10 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
     check_student_views([source for _, source in used], students)
+    # token ids of each split's texts, kept beside the teacher stores (mmkd.data.tokens)
+    tokens = Path(cfg.distill.cache_dir or run_dir / "teacher_cache") / "tokens"
     datamodule = DistillDataModule(
-        cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views
+        cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views, token_cache_dir=tokens
     )
     if cfg.data.check_eval_data:  # a bad val / test file fails now, not after an epoch
         check_decodes([("val", datamodule.val_set), ("test", datamodule.test_set)])

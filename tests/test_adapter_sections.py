@@ -125,11 +125,14 @@ def test_every_built_in_adapter_names_known_sections() -> None:
     reads = {name: ADAPTERS.get(name).read_sections() for name in ADAPTERS}
     assert reads["image"] == ("timm", "image")
     assert reads["text"] == ("text",)
+    assert reads["text_rnn"] == ("text_rnn",)
     assert reads["audio_cnn"] == ("audio", "cnn")
     assert reads["audio_timm"] == ("audio", "timm")
     assert reads["audio_wav2vec2"] == reads["audio_hubert"] == ("audio", "wav2vec2")
     assert reads["crepe"] == ("crepe",)
-    assert set(ADAPTER_SECTIONS) == {"timm", "image", "text", "audio", "cnn", "wav2vec2", "crepe"}
+    assert set(ADAPTER_SECTIONS) == {
+        *("timm", "image", "text", "text_rnn", "audio", "cnn", "wav2vec2", "crepe"),
+    }
 
 
 def test_schema_and_compose_import_no_model_library() -> None:

@@ -167,7 +167,12 @@ CASES = [
         lambda m: {"image": rel(m, m.png("bad/rgba.png", mode="RGBA"))},
         SAMPLE + r"image mode RGBA does not match the model's RGB input",
     ),
-    Case("blank-text", lambda m: {"text": "  \t "}, SAMPLE + "text is empty"),
+    Case(
+        "blank-text",  # only whitespace: found when the manifest is read
+        lambda m: {"text": "  \t "},
+        IN_ROW + "empty 'text'",
+        at_build=True,
+    ),
     Case(
         "empty-text",  # an empty value is a missing one
         lambda m: {"text": ""},
@@ -283,10 +288,11 @@ def test_bad_input_in_a_csv_manifest(case, media, data_cfg, preprocessors, caplo
 
 
 def test_a_custom_id_still_names_the_row(media, data_cfg, preprocessors):
-    rows = [good_row(media, 0), {**good_row(media, 1), "id": "clip-7", "text": " "}]
+    gray = rel(media, media.png("bad/gray7.png", mode="L"))  # found in preprocessing
+    rows = [good_row(media, 0), {**good_row(media, 1), "id": "clip-7", "image": gray}]
     path = media.path("ids.jsonl")
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(DataError, match=r"sample clip-7 \(.*ids\.jsonl row 2\): text is empty"):
+    with pytest.raises(DataError, match=r"sample clip-7 \(.*ids\.jsonl row 2\): image mode L"):
         load_batch(manifest_cfg(data_cfg, path, "raise"), preprocessors)
 
 

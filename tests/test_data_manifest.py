@@ -80,11 +80,14 @@ def test_csv_manifest_with_configured_classes(clips, data_cfg):
         'img/b.png,"a, quoted one",1\n'  # integer labels index data.manifest.class_names
         "img/a.png,unlabelled,\n"
     )
+    with pytest.raises(DataError, match=r"train\.csv row 4: missing 'label' \(other rows have"):
+        build(data_cfg, clips / "train.csv", class_names=["zero", "one", "two"])
     splits = build(
         data_cfg,
         clips / "train.csv",
         class_names=["zero", "one", "two"],
         val=str(clips / "train.csv"),
+        unlabelled=True,  # the unlabelled row loads with label None
     )
     assert splits.modalities == ("image", "text") and splits.num_classes == 3
     items = [splits.val[i] for i in range(3)]
@@ -199,3 +202,80 @@ def test_images_decode_to_arrays(clips, data_cfg):
     )
     assert np.asarray(splits.val[0]["image"]).shape == (10, 12)
     assert splits.class_names == [] and splits.val[0]["label"] is None
+
+
+# --------------------------------------------------------------------------- text tables
+
+
+def text_cfg(data_cfg, train: Path, on_error: str = "raise", **manifest: Any):
+    return data_cfg(
+        "manifest", on_error=on_error, manifest={"train": str(train), "val": str(train), **manifest}
+    )
+
+
+def test_tsv_without_header_columns_by_index(data_cfg, tmp_path):
+    """AG News as shipped: TEXT<TAB>CLASS, no header; quotes are text in TSV."""
+    train = tmp_path / "train.tsv"
+    train.write_text('Stocks "rally" again\tBusiness\nA goal, late\tSports\n')
+    splits = build_splits(text_cfg(data_cfg, train, header=False, columns={"text": 0, "label": 1}))
+    assert splits.modalities == ("text",) and splits.class_names == ["Business", "Sports"]
+    assert splits.val[0]["text"] == 'Stocks "rally" again' and splits.val[1]["label"] == 1
+
+
+def test_csv_columns_by_name_and_other_delimiter(data_cfg, tmp_path):
+    """GLUE-style header with other column names, and a ';'-separated file."""
+    train = tmp_path / "phrases.txt"
+    train.write_text("sentence;score\na fine film;1\ndull;0\n")
+    cfg = text_cfg(
+        data_cfg,
+        train,
+        delimiter=";",
+        columns={"text": "sentence", "label": "score"},
+        class_names=["negative", "positive"],
+    )
+    splits = build_splits(cfg)
+    assert [splits.val[i]["label"] for i in range(2)] == [1, 0]
+    assert splits.val[0]["text"] == "a fine film"
+
+
+@pytest.mark.parametrize(
+    ("content", "manifest", "message"),
+    [
+        ("text,label\nfine,positive\n  ,negative\n", {}, r"train\.csv row 3: empty 'text'"),
+        (
+            "text,label\nfine,positive\nbad,nope\n",
+            {"class_names": ["negative", "positive"]},
+            r"train\.csv row 3: label 'nope' is not in the class set",
+        ),
+        ("text,label\nfine,positive\nbad\n", {}, r"train\.csv row 3: has 1 fields but the header"),
+        (
+            "fine\tpositive\nbad\n",
+            {"header": False, "columns": {"text": 0, "label": 1}},
+            r"train\.csv row 2: has 1 fields, missing column\(s\) 0 \(text\), 1 \(label\)",
+        ),
+        ("text,label\nfine,positive\nbad,\n", {}, r"train\.csv row 3: missing 'label'"),
+    ],
+    ids=["empty-text", "unknown-label", "short-row", "short-row-no-header", "no-label"],
+)
+def test_bad_text_rows_named_or_skipped_and_counted(data_cfg, tmp_path, content, manifest, message):
+    train = tmp_path / "train.csv"
+    train.write_text(content)
+    if manifest.get("header") is False:
+        manifest = {**manifest, "delimiter": "\t"}
+    with pytest.raises(DataError, match=message):
+        build_splits(text_cfg(data_cfg, train, **manifest))
+    val = build_splits(text_cfg(data_cfg, train, on_error="skip", **manifest)).val
+    skipped = [val[i] for i in range(len(val)) if isinstance(val[i], Skipped)]
+    assert len(skipped) == 1 and re.search(message.split(": ", 1)[1], skipped[0].reason)
+    assert not isinstance(val[0], Skipped) and val[0]["text"] == "fine"
+
+
+def test_column_settings_checked(data_cfg, tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nfine,positive\n")
+    with pytest.raises(DataError, match=r"columns\.text: no column 'sentence' in the header"):
+        build_splits(text_cfg(data_cfg, train, columns={"text": "sentence"}))
+    with pytest.raises(ConfigError, match=r"data\.manifest\.columns\.txt: not a role"):
+        build_splits(text_cfg(data_cfg, train, columns={"txt": 0}))
+    with pytest.raises(ConfigError, match=r"header=false, so columns are 0-based indices"):
+        build_splits(text_cfg(data_cfg, train, header=False, columns={"text": "text"}))

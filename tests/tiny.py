@@ -44,6 +44,10 @@ TINY_SPECS: dict[str, dict[str, Any]] = {
         "image": {"in_chans": 3, "img_size": 32},
     },
     "text": {"adapter": "text", "text": TINY_TEXT},
+    "text_rnn": {
+        "adapter": "text_rnn",
+        "text_rnn": {"embedding_dim": 16, "hidden_size": 16, "max_length": 16},
+    },
     "audio_cnn": {"adapter": "audio_cnn", "audio": TINY_AUDIO, "cnn": {"channels": [8, 16]}},
     "audio_timm": {
         "adapter": "audio_timm",

@@ -18,6 +18,7 @@ from mmkd.adapters.crepe_config import CrepeCfg
 from mmkd.adapters.image_config import ImageCfg
 from mmkd.adapters.sections import Section
 from mmkd.adapters.text_config import TextCfg
+from mmkd.adapters.text_rnn_config import TextRnnCfg
 from mmkd.losses import term_classes
 
 # --------------------------------------------------------------------------- adapters
@@ -40,7 +41,8 @@ class HeadCfg:
 class AdapterSpec:
     """One model: preprocessing + encoder + head. `adapter` picks the implementation."""
 
-    # registry name: image | text | audio_cnn | audio_timm | audio_wav2vec2 | audio_hubert | crepe
+    # registry name: image | text | text_rnn | audio_cnn | audio_timm | audio_wav2vec2 |
+    # audio_hubert | crepe
     adapter: str = "image"
     # a run's exported model folder (DIR/student) or a .safetensors file of this adapter's state
     weights: Optional[str] = None
@@ -55,6 +57,7 @@ class AdapterSpec:
     timm: TimmCfg = field(default_factory=TimmCfg)
     image: ImageCfg = field(default_factory=ImageCfg)
     text: TextCfg = field(default_factory=TextCfg)
+    text_rnn: TextRnnCfg = field(default_factory=TextRnnCfg)
     audio: AudioCfg = field(default_factory=AudioCfg)
     cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
     wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
@@ -89,12 +92,20 @@ class DemoCfg:
 
 @dataclass
 class ManifestCfg:
-    """JSONL or CSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
+    """JSONL, CSV or TSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
 
     train: Optional[str] = None
     val: Optional[str] = None  # None: held out from train by data.val_fraction
     test: Optional[str] = None  # None: the validation split is also the test split
     class_names: Optional[List[str]] = None  # None: sorted distinct labels of the train manifest
+    # role (text | image | audio | label | id) -> column name, or 0-based index; unlisted roles
+    # read the column of their own name. E.g. {text: 0, label: 1} with header=false
+    columns: Dict[str, Any] = field(default_factory=dict)
+    delimiter: Optional[str] = None  # None: "," for .csv, tab for .tsv (TSV cells are not quoted)
+    header: bool = True  # false: CSV/TSV files have no header row (columns are then indices)
+    # true: rows with an empty / missing label load unlabelled (label None) among labelled rows;
+    # false: such a row is an error naming it (skipped and counted under data.on_error=skip)
+    unlabelled: bool = False
 
 
 @dataclass
@@ -212,6 +223,9 @@ class DataCfg:
     on_error: str = "raise"  # raise | skip (skipped samples are counted in the log and metrics)
     # decode every validation and test sample at start-up, so a bad file fails before training
     check_eval_data: bool = True
+    # training batches of texts of similar token counts (less padding): the epoch's shuffled
+    # order in pools of 50 batches, each sorted by length, the batches shuffled (seeded)
+    bucket_by_length: bool = False
     options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin datasets
     demo: DemoCfg = field(default_factory=DemoCfg)
     manifest: ManifestCfg = field(default_factory=ManifestCfg)

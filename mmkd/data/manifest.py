@@ -1,9 +1,15 @@
-"""Manifest datasets: JSONL or CSV files (picked by suffix), one row per sample.
+"""Manifest datasets: JSONL, CSV or TSV files (picked by suffix), one row per sample.
 
 Columns: `image` / `audio` (file path, relative to the manifest's folder or absolute), `text` (the
-text itself), optional `label` and `id` (default "MANIFEST_NAME:LINE"). The modalities are the
-modality columns the train manifest's rows carry; every row of every split must have them (an
-empty CSV cell counts as missing). Rows are numbered by their 1-based line in the file.
+text itself), optional `label` and `id` (default "MANIFEST_NAME:LINE"). `data.manifest.columns`
+maps these roles to other column names, or to 0-based indices (CSV/TSV, with or without a header
+row: `data.manifest.header`, `delimiter`). The modalities are the modality columns the train
+manifest's rows carry; every row of every split must have them (an empty CSV cell counts as
+missing). Rows are numbered by their 1-based line in the file.
+
+A row with an empty or missing label, in a manifest whose other rows have labels, is an error
+unless `data.manifest.unlabelled` is true (then it loads with label None: a transfer set the
+teacher labels). A manifest with no labels at all is unlabelled.
 
 Labels are class names. When `data.manifest.class_names` is set, a label that is not a name may
 also be an integer index into it (CSV cells are text, so "3" counts); otherwise the classes are
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmkd.data.base import (
     DATASETS,
@@ -63,34 +69,117 @@ def _jsonl_records(lines: Iterator[str]) -> Iterator[tuple[int, Record]]:
         )
 
 
-def _csv_records(lines: Iterator[str], path: Path) -> Iterator[tuple[int, Record]]:
-    reader = csv.reader(lines)
-    header = [name.strip() for name in next(reader, [])]
-    repeated = {name for name in header if header.count(name) > 1}
-    if repeated:
-        raise DataError(f"{path}: the header repeats column(s) {', '.join(sorted(repeated))}")
+@dataclass(frozen=True)
+class Layout:
+    """How a manifest's rows map to columns: delimiter, header row, role -> column name/index."""
+
+    delimiter: str | None = None  # None: "," for .csv, tab for .tsv
+    header: bool = True
+    columns: tuple[tuple[str, str | int], ...] = ()  # (role, column name or 0-based index)
+
+    @classmethod
+    def from_config(cls, m: DictConfig) -> Layout:
+        columns = OmegaConf.to_container(m.columns) if m.get("columns") else {}
+        assert isinstance(columns, dict)
+        for role, column in columns.items():
+            if role not in ROLES:
+                raise ConfigError(
+                    f"data.manifest.columns.{role}: not a role; roles: {', '.join(ROLES)}"
+                )
+            if isinstance(column, bool) or not isinstance(column, str | int):
+                raise ConfigError(
+                    f"data.manifest.columns.{role}: {column!r} must be a column name or index"
+                )
+            if isinstance(column, int) and column < 0:
+                raise ConfigError(f"data.manifest.columns.{role}: index {column} must be >= 0")
+        if not m.header and any(isinstance(c, str) for c in columns.values()):
+            raise ConfigError(
+                "data.manifest.columns: data.manifest.header=false, so columns are 0-based "
+                f"indices, got {columns}"
+            )
+        if m.delimiter is not None and len(m.delimiter) != 1:
+            raise ConfigError(f"data.manifest.delimiter: {m.delimiter!r} must be one character")
+        return cls(m.delimiter, bool(m.header), tuple(columns.items()))
+
+    def rename(self, names: list[str]) -> dict[str, str]:
+        """Column name -> role name for the columns `columns` maps (others keep their name)."""
+        out = {}
+        for role, column in self.columns:
+            if isinstance(column, int):
+                out[str(column) if not self.header else (names + [""] * column)[column]] = role
+            else:
+                out[column] = role
+        return out
+
+
+ROLES = (*MODALITIES, "label", "id")
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def _csv_records(
+    lines: Iterator[str], path: Path, layout: Layout, delimiter: str
+) -> Iterator[tuple[int, Record]]:
+    # TSV files (AG News, GLUE) quote nothing: a quote character is text there
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
+    header = [name.strip() for name in next(reader, [])] if layout.header else None
+    if header is not None:
+        repeated = {name for name in header if header.count(name) > 1}
+        if repeated:
+            raise DataError(f"{path}: the header repeats column(s) {', '.join(sorted(repeated))}")
+        for role, column in layout.columns:
+            if isinstance(column, str) and column not in header:
+                raise DataError(
+                    f"{path}: data.manifest.columns.{role}: no column {column!r} in the header "
+                    f"({', '.join(header)})"
+                )
+            if isinstance(column, int) and column >= len(header):
+                raise DataError(
+                    f"{path}: data.manifest.columns.{role}: index {column}, but the header has "
+                    f"{len(header)} columns"
+                )
+    rename = layout.rename(header or [])
+    wanted = max((c for _, c in layout.columns if isinstance(c, int)), default=-1)
     start = reader.line_num + 1
     for fields in reader:
         line_no, start = start, reader.line_num + 1
         if not any(field.strip() for field in fields):
             continue
-        if len(fields) != len(header):
+        if header is not None and len(fields) != len(header):
             yield line_no, f"has {len(fields)} fields but the header has {len(header)}"
-        else:  # an empty cell is a missing value
-            cells = zip(header, fields, strict=True)
-            yield line_no, {name: value for name, value in cells if value != ""}
+            continue
+        if header is None and len(fields) <= wanted:
+            missing = [f"{c} ({r})" for r, c in layout.columns if isinstance(c, int)]
+            yield line_no, f"has {len(fields)} fields, missing column(s) {', '.join(missing)}"
+            continue
+        names = header if header is not None else [str(i) for i in range(len(fields))]
+        # an empty cell is a missing value
+        yield line_no, {rename.get(n, n): v for n, v in zip(names, fields, strict=True) if v != ""}
 
 
-def read_manifest(path: Path, key: str) -> list[tuple[int, Record]]:
-    """(line number, record or parse problem) for every non-blank row of a JSONL/CSV manifest."""
+def read_manifest(path: Path, key: str, layout: Layout | None = None) -> list[tuple[int, Record]]:
+    """(line number, record or parse problem) for every non-blank row of a JSONL/CSV/TSV
+    manifest; records name their columns by role where `layout.columns` maps them."""
+    layout = layout or Layout()
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
-        raise ConfigError(f"{key}: {path} must end in .jsonl or .csv")
+    delimiter = layout.delimiter or DELIMITERS.get(suffix)
+    if suffix != ".jsonl" and delimiter is None:
+        raise ConfigError(
+            f"{key}: {path} must end in .jsonl, .csv or .tsv (or set data.manifest.delimiter)"
+        )
     if not path.is_file():
         raise ConfigError(f"{key}: manifest {path} not found")
     try:
         with path.open(encoding="utf-8-sig", newline="") as lines:
-            rows = list(_jsonl_records(lines) if suffix == ".jsonl" else _csv_records(lines, path))
+            if suffix == ".jsonl":
+                rename = {str(c): r for r, c in layout.columns}
+                rows = [
+                    (n, {rename.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r)
+                    for n, r in _jsonl_records(lines)
+                ]
+            else:
+                assert delimiter is not None
+                rows = list(_csv_records(lines, path, layout, delimiter))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err})") from None
     except (OSError, csv.Error) as err:
@@ -161,7 +250,12 @@ class Row:
 
 
 def parse_row(
-    record: Record, line: int, path: Path, modalities: tuple[str, ...], classes: ClassSet
+    record: Record,
+    line: int,
+    path: Path,
+    modalities: tuple[str, ...],
+    classes: ClassSet,
+    label_required: bool = False,
 ) -> Row:
     """The row's id, label and modality values; DataError (without location) if unusable."""
     if isinstance(record, str):
@@ -174,7 +268,13 @@ def parse_row(
             )
         if not isinstance(record[column], str):
             raise DataError(f"{column!r} must be a string, got {record[column]!r}")
+        if column == "text" and not record[column].strip():
+            raise DataError("empty 'text'")
         values[column] = record[column]
+    if label_required and not _present(record, "label"):
+        raise DataError(
+            "missing 'label' (other rows have one; data.manifest.unlabelled=true allows it)"
+        )
     label = classes.index(record["label"]) if _present(record, "label") else None
     sample_id = record.get("id", f"{path.name}:{line}")
     if isinstance(sample_id, bool) or not isinstance(sample_id, str | int):
@@ -192,15 +292,18 @@ class ManifestDataset(SafeDataset):
         modalities: tuple[str, ...],
         classes: ClassSet,
         on_error: str = "raise",
+        unlabelled: bool = False,
     ) -> None:
         super().__init__(on_error)
         self.path = path
         self.modalities = modalities
         self.rows: list[Row] = []
         first_line: dict[str, int] = {}
+        # a file whose rows carry labels needs one on every row unless unlabelled rows are allowed
+        required = not unlabelled and any(_present(r, "label") for _, r in records)
         for line, record in records:
             try:
-                row = parse_row(record, line, path, modalities, classes)
+                row = parse_row(record, line, path, modalities, classes, required)
                 if row.id in first_line:
                     raise DataError(f"id {row.id!r} repeats row {first_line[row.id]}")
                 first_line[row.id] = line
@@ -212,6 +315,10 @@ class ManifestDataset(SafeDataset):
 
     def where(self, line: int) -> str:
         return f"{self.path} row {line}"
+
+    def texts(self) -> list[str | None]:
+        """Each row's text (None for a row without one), without loading any file."""
+        return [row.values.get("text") if row.values else None for row in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -246,12 +353,13 @@ def _manifest_path(value: str) -> Path:
 
 @DATASETS.register("manifest")
 def build_manifest(cfg: DictConfig) -> DatasetSplits:
-    """Splits from the JSONL / CSV manifests of `data.manifest` (val held out when absent)."""
+    """Splits from the JSONL / CSV / TSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest
     if m.train is None:
         raise ConfigError("data.manifest.train: required when data.name=manifest")
+    layout = Layout.from_config(m)
     train_path = _manifest_path(m.train)
-    train_records = read_manifest(train_path, "data.manifest.train")
+    train_records = read_manifest(train_path, "data.manifest.train", layout)
     modalities = tuple(c for c in MODALITIES if any(_present(r, c) for _, r in train_records))
     if not modalities:
         raise ConfigError(
@@ -268,14 +376,14 @@ def build_manifest(cfg: DictConfig) -> DatasetSplits:
         classes = ClassSet(sorted(labels, key=_natural), indices_allowed=False)
 
     def dataset(path: Path, records: list[tuple[int, Record]]) -> ManifestDataset:
-        return ManifestDataset(path, records, modalities, classes, cfg.on_error)
+        return ManifestDataset(path, records, modalities, classes, cfg.on_error, m.unlabelled)
 
     def optional(key: str) -> ManifestDataset | None:
         value = m[key]
         if value is None:
             return None
         path = _manifest_path(value)
-        return dataset(path, read_manifest(path, f"data.manifest.{key}"))
+        return dataset(path, read_manifest(path, f"data.manifest.{key}", layout))
 
     train = dataset(train_path, train_records)
     val = optional("val")

@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from mmkd.adapters.base import Preprocessor
 from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
 from mmkd.data.decode_cache import decoded
+from mmkd.data.tokens import dataset_texts
 from mmkd.data.webdataset import ShardStream, StreamLoader
 from mmkd.data.workers import LoaderSettings, loader_settings
 from mmkd.errors import DataError
@@ -192,17 +193,43 @@ class ResumableBatchSampler(BatchSampler):
 
     resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
-    def __init__(self, sampler: Any, batch_size: int, policy: ViewPolicy, size: int) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        batch_size: int,
+        policy: ViewPolicy,
+        size: int,
+        lengths: list[int] | None = None,
+    ) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.policy = policy
         self.size = size
+        self.lengths = lengths  # per sample: batches of similar lengths (data.bucket_by_length)
+
+    def batches(self, epoch: int) -> Iterator[list[int]]:
+        if self.lengths is None:
+            yield from super().__iter__()
+            return
+        # length buckets: the epoch's shuffled order in pools of 50 batches, each pool sorted
+        # by length and cut into batches, the batches shuffled; all seeded by (seed, epoch)
+        order = list(self.sampler)
+        pool = 50 * self.batch_size
+        batches = []
+        for start in range(0, len(order), pool):
+            part = sorted(order[start : start + pool], key=lambda i: self.lengths[i])
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        seed = getattr(self.sampler, "seed", 0)
+        shuffled = torch.randperm(
+            len(batches), generator=torch.Generator().manual_seed(seed + epoch)
+        )
+        yield from (batches[i] for i in shuffled.tolist())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         resume, self.resume = self.resume, None
         epoch = getattr(self.sampler, "epoch", 0)
         skip = resume[1] if resume is not None and resume[0] == epoch else 0
         views = self.policy.views_for(epoch, self.size)
-        for position, batch in enumerate(super().__iter__()):
+        for position, batch in enumerate(self.batches(epoch)):
             if position >= skip:
                 yield [(index, int(views[index])) for index in batch]
 
@@ -221,9 +248,12 @@ class DistillDataModule(pl.LightningDataModule):
         test_preprocessors: Mapping[str, Preprocessor],
         seed: int = 0,
         views: ViewPolicy | None = None,
+        token_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.token_cache_dir = token_cache_dir  # None: texts are tokenised in memory only
+        self._warmed: set[tuple[int, int]] = set()
         self.splits = splits
         self.fit_preprocessors = dict(fit_preprocessors)
         self.test_preprocessors = dict(test_preprocessors)
@@ -298,6 +328,8 @@ class DistillDataModule(pl.LightningDataModule):
             "decode_cache",
             "decode_cache_dir",
             "decode_cache_max_gb",
+            "bucket_by_length",
+            "check_eval_data",
         )
         for key in (*not_content, "max_train_samples", "max_eval_samples", "subset_seed"):
             data.pop(key, None)
@@ -315,9 +347,31 @@ class DistillDataModule(pl.LightningDataModule):
             replay_seed=self.views.seed,
         )
 
+    def warm_tokens(self, dataset: Dataset, test: bool = False) -> list[str] | None:
+        """Tokenise the split's texts once per text preprocessor (mmkd.data.tokens), before
+        its loader starts; returns the texts (None when the dataset cannot list them)."""
+        texts = dataset_texts(dataset)
+        if texts is None:
+            return None
+        present = [text for text in texts if text]
+        for role, pre in (self.test_preprocessors if test else self.fit_preprocessors).items():
+            warm = getattr(pre, "warm", None)
+            if warm is None or (id(dataset), id(pre)) in self._warmed:
+                continue
+            hit = warm(present, self.token_cache_dir)
+            self._warmed.add((id(dataset), id(pre)))
+            log.info(
+                "%s: %d texts tokenised (%s)",
+                role,
+                len(present),
+                "cache hit" if hit else "cache miss",
+            )
+        return texts
+
     def _loader(
         self, dataset: Dataset, train: bool, test: bool = False, **sampling: Any
     ) -> DataLoader:
+        self.warm_tokens(dataset, test)
         workers = self.num_workers
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -370,9 +424,20 @@ class DistillDataModule(pl.LightningDataModule):
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
         )
         size = len(self.train_set)  # type: ignore[arg-type]
-        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, self.views, size)
+        lengths = self.text_lengths() if self.cfg.bucket_by_length else None
+        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, self.views, size, lengths)
         batches.resume, self._resume_at = self._resume_at, None
         return self._loader(ViewedDataset(self.train_set), train=True, batch_sampler=batches)
+
+    def text_lengths(self) -> list[int] | None:
+        """Token count of every training text, by the first text preprocessor (for length
+        buckets); None (with a warning) when the split has no listable texts."""
+        texts = self.warm_tokens(self.train_set)
+        pre = next((p for p in self.fit_preprocessors.values() if hasattr(p, "tokens")), None)
+        if texts is None or pre is None:
+            log.warning("data.bucket_by_length: no tokenised texts in this split; not bucketed")
+            return None
+        return [len(pre.tokenize(text)) if text else 0 for text in texts]
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch (saved in every checkpoint)."""

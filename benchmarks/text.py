@@ -1,0 +1,638 @@
+"""The text distillation benchmark: a fine-tuned MiniLM teacher compressed into a BiLSTM and a
+3-layer transformer cut from it, on SST-2 or AG News.
+
+    python benchmarks/text.py --task sst2|agnews [--data-root DIR] [--seeds 0 1 2] [--out DIR]
+                              [--full] [--rows ROW ...]
+
+Writes the manifests (DIR/manifests/*.csv, header `text,label`, labels as class names) from
+the shipped files: SST-2 train / dev; AG News train / a fixed seeded 10 % validation split.
+Trains the teacher once (experiment=<task>_teacher, reused when DIR/runs/teacher/seed0 holds a
+finished run), then for each seed the rows below. Every setting
+is chosen and every accuracy reported on SST-2 dev / the AG News validation split (the test sets
+are withheld). Each run lives in DIR/runs/<row>/seed<k>/ and is skipped when its metrics.json
+exists, so an interrupted benchmark resumes. Writes DIR/RESULTS.md and DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from av_digits import better_than, fmt, run
+from cifar10 import timed_epochs
+
+from mmkd.errors import MMKDError
+from mmkd.loggers import read_csv_log
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2_CLASSES = ("negative", "positive")  # stsa.binary labels 0 / 1
+
+# What each protocol trains, per task. CPU (2 cores shared by five busy sessions, load ~15:
+# ~20 s per MiniLM training step of 32 texts, ~5 s per BiLSTM step): 48 tokens, a 1-epoch
+# teacher on 2,000 training texts, students for 3 epochs on the same 2,000 (a fixed subset,
+# batch 64), the BiLSTM's teacher-initialised embeddings frozen. Full: the papers' scale, for a
+# GPU (128 tokens, 3-4 teacher epochs on everything, Tang et al.'s 20 views per sentence).
+PROTOCOLS = {
+    "cpu": {
+        "max_length": 48,
+        "teacher_epochs": {"sst2": 1, "agnews": 1},
+        "teacher_samples": {"sst2": 2000, "agnews": 2000},
+        "train_samples": 2000,
+        "bilstm_epochs": 3,
+        "bilstm_frozen_embeddings": True,
+        "student_batch": 64,
+        "transformer_epochs": 2,
+        "views": 8,
+        "phrases": 4000,  # of GLUE's 60,614 training phrases, a fixed subset (transfer set)
+    },
+    "full": {
+        "max_length": 128,
+        "teacher_epochs": {"sst2": 4, "agnews": 4},
+        "bilstm_epochs": 30,
+        "transformer_epochs": 10,
+        "views": 20,
+    },
+    # checks the script end to end in a few minutes; no figures
+    "smoke": {
+        "max_length": 32,
+        "teacher_epochs": {"sst2": 1, "agnews": 1},
+        "teacher_samples": {"sst2": 256, "agnews": 256},
+        "bilstm_epochs": 2,
+        "transformer_epochs": 1,
+        "train_samples": 256,
+        "eval_samples": 128,
+        "views": 2,
+        "phrases": 64,
+    },
+}
+ROWS = ("teacher", "bilstm_labels_only", "bilstm_kd", "bilstm_kd_aug", "small_transformer_kd")
+# logits KD alone (no token term): runs without issue 15's token terms, reported beside the rest
+EXTRA_ROWS = ("small_transformer_kd_logits",)
+ROW_LABELS = {
+    "teacher": "teacher: all-MiniLM-L6-v2 fine-tuned (6 layers, 384-d)",
+    "bilstm_labels_only": "BiLSTM, labels only",
+    "bilstm_kd": "BiLSTM, KD from stored teacher logits (sentences)",
+    "bilstm_kd_aug": "BiLSTM, KD, augmented views + transfer phrases",
+    "small_transformer_kd": "3 layers kept from the teacher (0, 2, 4), KD + token term",
+    "small_transformer_kd_logits": "3 layers kept from the teacher (0, 2, 4), KD on logits only",
+}
+PUBLISHED = {
+    "sst2": (
+        "Published (SST-2 *test* set, 1,821 sentences; ours is dev, the test set is withheld): "
+        "Tang et al. 2019, BiLSTM 86.7 % → 90.7 % distilled from BERT-large (94.9 %) on ~20 "
+        "augmented views per sentence plus word2vec embeddings; DistilBERT (Sanh et al. 2019) "
+        "SST-2 *dev* 91.3 % vs BERT-base 92.7 %."
+    ),
+    "agnews": (
+        "Published (official 7,600-article test set, trained on all 120,000): char-CNN "
+        "87.2-89.8 %, fastText 92.5 %, BERT-base fine-tuned ≈ 94-95 % (Zhang et al. 2015; "
+        "Joulin et al. 2017). Ours trains on 9,001 articles and reports a held-out 1,000."
+    ),
+}
+
+
+def write_sst2_manifests(data_root: Path, folder: Path) -> dict[str, Path]:
+    """DIR/{train,dev}.csv (header text,label; labels as class names) from stsa.binary.*."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("train", "dev"):
+        source = data_root / "sst2" / f"stsa.binary.{split}"
+        if not source.is_file():
+            raise SystemExit(f"{source} not found (--data-root: the folder holding sst2/)")
+        rows = []
+        for line_no, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            label, _, text = line.partition(" ")
+            if label not in ("0", "1") or not text.strip():
+                raise SystemExit(f"{source} line {line_no}: not `LABEL SENTENCE`: {line!r}")
+            rows.append((text, SST2_CLASSES[int(label)]))
+        paths[split] = write_csv(folder / f"{split}.csv", rows)
+    return paths
+
+
+def write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
+    """A manifest with a header `text,label`, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("text", "label"))
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def write_agnews_manifests(data_root: Path, folder: Path) -> dict[str, Path]:
+    """DIR/{train,val}.csv from agnews/train.tsv (TEXT<TAB>CLASS, no header): a fixed seeded
+    10 % held out as validation (AGNEWS_VAL_SEED), so every run and seed sees the same split."""
+    import random
+
+    source = data_root / "agnews" / "train.tsv"
+    if not source.is_file():
+        raise SystemExit(f"{source} not found (--data-root: the folder holding agnews/)")
+    rows = []
+    for line_no, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        text, tab, label = line.rpartition("\t")
+        if not tab or not text.strip() or not label.strip():
+            raise SystemExit(f"{source} line {line_no}: not `TEXT<TAB>CLASS`")
+        rows.append((text, label))
+    order = list(range(len(rows)))
+    random.Random(AGNEWS_VAL_SEED).shuffle(order)
+    held = set(order[: len(rows) // 10])
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "train": write_csv(folder / "train.csv", [r for i, r in enumerate(rows) if i not in held]),
+        "val": write_csv(folder / "val.csv", [r for i, r in enumerate(rows) if i in held]),
+    }
+
+
+AGNEWS_VAL_SEED = 0
+
+
+def data_overrides(task: str, data_root: Path, out: Path) -> list[str]:
+    """The data settings every run of the task shares (manifests written under DIR/manifests)."""
+    if task == "sst2":
+        manifests = write_sst2_manifests(data_root, out / "manifests")
+        train, val = manifests["train"], manifests["dev"]
+    else:
+        manifests = write_agnews_manifests(data_root, out / "manifests")
+        train, val = manifests["train"], manifests["val"]
+    return [f"data.root={data_root}", f"data.manifest.train={train}", f"data.manifest.val={val}"]
+
+
+def student_rows(
+    task: str, protocol: dict, teacher_dir: Path, transfer: Path | None
+) -> dict[str, list[str]]:
+    """Each student row's overrides on top of experiment=<task>_kd (seed added by the caller).
+
+    bilstm_kd_aug and the token term of small_transformer_kd use the text augmentation views and
+    token-level terms of the keys agreed in TEXT_CONTRACT.md (issue 15, items 5-6)."""
+    bilstm = [
+        f"trainer.max_epochs={protocol['bilstm_epochs']}",
+        f"student.text_rnn.init_from={teacher_dir}",
+        f"student.text_rnn.max_length={protocol['max_length']}",
+        f"student.text_rnn.freeze_embeddings={protocol.get('bilstm_frozen_embeddings', False)}",
+    ]
+    small = [
+        "student=text_small",
+        f"student.text.init_from={teacher_dir}",
+        "student.text.keep_layers=[0,2,4]",
+        f"trainer.max_epochs={protocol['transformer_epochs']}",
+        "optim.lr=1.0e-4",
+        "distill.store.views=1",
+    ]
+    return {
+        "bilstm_labels_only": [*bilstm, "losses=supervised", "distill.store.views=null"],
+        "bilstm_kd": [*bilstm, "distill.store.views=1"],
+        "bilstm_kd_aug": [
+            *bilstm,
+            f"distill.store.views={protocol['views']}",
+            *TEXT_AUG_OVERRIDES,
+            *([f"data.manifest.transfer={transfer}"] if transfer else []),
+        ],
+        "small_transformer_kd": [*small, *TOKEN_TERM_OVERRIDES],
+        "small_transformer_kd_logits": small,
+    }
+
+
+# Tang et al.'s masking (p 0.1) and n-gram sampling (p 0.25) as stored views, the same on teacher
+# and student, and the token-level term of small_transformer_kd: the keys of issue 15's text
+# augmentation and token terms (branch textaug, TEXT_CONTRACT.md); SST-2 adds GLUE's phrases as
+# an unlabelled transfer set (data.manifest.transfer)
+TEXT_AUG_OVERRIDES = [
+    "teacher.text.augment.mask_prob=0.1",
+    "teacher.text.augment.ngram_prob=0.25",
+    "student.text_rnn.augment.mask_prob=0.1",
+    "student.text_rnn.augment.ngram_prob=0.25",
+    "distill.store.dtype=float16",
+]
+TOKEN_TERM_OVERRIDES = ["losses=text_tokens", "distill.store.dtype=float16"]
+
+
+def write_phrases_manifest(data_root: Path, folder: Path, limit: int | None) -> Path:
+    """DIR/phrases.csv (header text,label, the train manifest's layout) from GLUE's training
+    phrases (phrases.train.tsv); `limit`: a fixed seeded subset. Its labels are never read."""
+    import random
+
+    source = data_root / "sst2" / "phrases.train.tsv"
+    with source.open(encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    if limit is not None and limit < len(rows):
+        rows = random.Random(0).sample(rows, limit)
+    path = folder / "phrases.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("text", "label"))
+        writer.writerows((r["sentence"].strip(), SST2_CLASSES[int(r["label"])]) for r in rows)
+    return path
+
+
+def final_val_accuracy(run_dir: Path) -> float:
+    """The student's accuracy on the validation split after the last epoch (the split every
+    figure here is reported on), from the run's CSV log."""
+    rows = [r for r in read_csv_log(run_dir) if "val/accuracy" in r]
+    if not rows:
+        raise RuntimeError(f"{run_dir}: no val/accuracy logged")
+    return float(rows[-1]["val/accuracy"])
+
+
+def latencies(folders: dict[str, Path], seconds: float, rounds: int = 3) -> dict[str, dict]:
+    """Parameters and batch-1 CPU latency (ms, median of interleaved rounds) of each exported
+    model on one real sentence, and whether it exports to ONNX."""
+    from mmkd.export import export_compiled, load_exported
+    from mmkd.latency import count_parameters, cpu_latency_ms
+
+    loaded = {name: load_exported(folder) for name, folder in folders.items() if folder.is_dir()}
+    sentence = "a stirring , funny and finally transporting re-imagining of beauty and the beast"
+    batches = {}
+    for name, exported in loaded.items():
+        pre = exported.model.make_preprocessor()
+        batches[name] = pre.collate([pre(sentence, train=False)])
+    times: dict[str, list[float]] = {name: [] for name in loaded}
+    for _ in range(rounds):
+        for name, exported in loaded.items():
+            times[name].append(cpu_latency_ms(exported.model, batches[name], seconds))
+    out = {}
+    for name, exported in loaded.items():
+        try:
+            onnx = str(export_compiled(folders[name], "onnx"))
+        except Exception as err:
+            onnx = f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"
+        out[name] = {
+            "params": count_parameters(exported.model),
+            "latency_ms": statistics.median(times[name]),
+            "onnx": onnx,
+        }
+    return out
+
+
+def data_share(overrides: Sequence[str], batches: int = 12, rounds: int = 3) -> dict[str, float]:
+    """Share of a labels-only student epoch spent outside the model: seconds to draw `batches`
+    training batches from the loader (token cache, padding, collate; the loader's start
+    included) against seconds of the model's forward, backward and optimizer step on those
+    batches, alternated `rounds` times (medians)."""
+    from itertools import islice
+
+    from mmkd.config import compose, validate
+    from mmkd.data import build_splits
+    from mmkd.data.module import DistillDataModule
+    from mmkd.models import build_models
+
+    cfg = compose(list(overrides))
+    validate(cfg)
+    splits = build_splits(cfg.data)
+    _, students = build_models(cfg, splits)
+    student = students["student"].train()
+    pre = {"student": student.make_preprocessor()}
+    data = DistillDataModule(
+        cfg.data,
+        splits,
+        pre,
+        pre,
+        seed=0,
+        token_cache_dir=Path(cfg.distill.cache_dir) / "tokens" if cfg.distill.cache_dir else None,
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    loader_s, model_s = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        drawn = list(islice(iter(data.train_dataloader()), batches))
+        loader_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for batch in drawn:
+            out = student(batch["inputs"]["student"])
+            loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model_s.append(time.perf_counter() - started)
+    loader, model = statistics.median(loader_s), statistics.median(model_s)
+    return {"loader_s": loader, "model_s": model, "share": loader / (loader + model)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("sst2", "agnews"), required=True)
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("MMKD_DATA_ROOT", str(ROOT.parent / "shared" / "data")),
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=None, help="default: runs/text_<task>")
+    parser.add_argument("--full", action="store_true", help="the papers' scale (GPU)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny protocol to test the script")
+    parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
+    parser.add_argument(
+        "--rows", nargs="+", choices=(*ROWS[1:], *EXTRA_ROWS), default=list(ROWS[1:])
+    )
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from DIR/results.json"
+    )
+    args = parser.parse_args(argv)
+    if args.report_only:
+        out = Path(args.out or ROOT / "runs" / f"text_{args.task}").resolve()
+        saved = json.loads((out / "results.json").read_text())
+        results = saved.pop("runs")
+        args.seeds = saved["seeds"]
+        write_report(out, args.task, args, saved, results)
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    protocol = PROTOCOLS["full" if args.full else "smoke" if args.smoke else "cpu"]
+    task = args.task
+    out = Path(args.out or ROOT / "runs" / f"text_{task}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data_root).resolve()
+    common = [
+        *data_overrides(task, data_root, out),
+        f"trainer.accelerator={args.accelerator}",
+        f"student.text.max_length={protocol['max_length']}",
+    ]
+    if protocol.get("eval_samples"):
+        common.append(f"data.max_eval_samples={protocol['eval_samples']}")
+    results: dict[str, dict[str, float]] = {}
+
+    def record(name: str, overrides: Sequence[str]) -> dict[str, float]:
+        results[name] = run(out, name, overrides)
+        return results[name]
+
+    teacher_samples = protocol.get("teacher_samples", {}).get(task)
+    teacher_subset = (
+        [f"data.max_train_samples={teacher_samples}", "data.subset_seed=0"]
+        if teacher_samples
+        else []
+    )
+    record(
+        "teacher/seed0",
+        [
+            f"experiment={task}_teacher",
+            f"trainer.max_epochs={protocol['teacher_epochs'][task]}",
+            *teacher_subset,
+            *common,
+        ],
+    )
+    if args.teacher_only:
+        return 0
+    after_teacher = time.perf_counter()
+    teacher_dir = out / "runs" / "teacher" / "seed0" / "student"
+    students = [
+        f"experiment={task}_kd",
+        f"teacher.weights={teacher_dir}",
+        f"distill.cache_dir={out / 'teacher_store'}",
+        *[o for o in common if not o.startswith("student.text.max_length")],
+    ]
+    if protocol.get("student_batch"):
+        students.append(f"data.batch_size={protocol['student_batch']}")
+    if protocol.get("train_samples"):
+        students += [f"data.max_train_samples={protocol['train_samples']}", "data.subset_seed=0"]
+    transfer = (
+        write_phrases_manifest(data_root, out / "manifests", protocol.get("phrases"))
+        if task == "sst2"
+        else None
+    )
+    rows = student_rows(task, protocol, teacher_dir, transfer)
+    failed: dict[str, str] = {}
+    for seed in args.seeds:  # the rows of one seed run back to back: their epoch times compare
+        for row in args.rows:
+            name = f"{row}/seed{seed}"
+            overrides = [*students, *rows[row], f"run.seed={seed}", "run.test=false"]
+            if row.startswith("small_transformer_kd"):
+                overrides.append(f"student.text.max_length={protocol['max_length']}")
+            try:
+                record(name, overrides)
+                results[name]["student/accuracy"] = final_val_accuracy(out / "runs" / name)
+            except MMKDError as err:  # a row this branch cannot run yet (a config key)
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                print(f"[benchmark] {name} failed: {failed[name]}", flush=True)
+    costs = latencies(
+        {
+            "teacher": teacher_dir,
+            **{
+                row: out / "runs" / row / f"seed{args.seeds[0]}" / "student"
+                for row in ("bilstm_labels_only", "small_transformer_kd", *EXTRA_ROWS)
+            },
+        },
+        seconds=0.5 if args.smoke else 2.0,
+    )
+    share = data_share(
+        [
+            *students,
+            *rows["bilstm_labels_only"],
+            f"run.dir={out / 'runs' / 'data_share'}",
+        ]
+    )
+    report = summarise(out, args.seeds, results, failed, costs, share)
+    report["protocol"] = protocol
+    report["wall_s"] = time.perf_counter() - started
+    report["after_teacher_wall_s"] = time.perf_counter() - after_teacher
+    write_report(out, task, args, report, results)
+    return 0
+
+
+def summarise(
+    out: Path,
+    seeds: Sequence[int],
+    results: dict[str, dict[str, float]],
+    failed: dict[str, str],
+    costs: dict[str, dict],
+    share: dict[str, float],
+) -> dict:
+    """Accuracy per row and seed, the targets' figures, epoch times, costs."""
+    accuracy = {
+        row: [
+            results[f"{row}/seed{s}"]["student/accuracy"]
+            for s in seeds
+            if f"{row}/seed{s}" in results
+        ]
+        for row in (*ROWS[1:], *EXTRA_ROWS)
+    }
+    accuracy["teacher"] = [results["teacher/seed0"]["student/accuracy"]]
+    epoch = {
+        row: [
+            statistics.median(timed_epochs(out / "runs" / row / f"seed{s}"))
+            for s in seeds
+            if f"{row}/seed{s}" in results
+        ]
+        for row in (*ROWS[1:], *EXTRA_ROWS)
+    }
+    # stored-view KD over labels-only, per seed (the rows of a seed ran back to back)
+    ratios = [
+        statistics.median(timed_epochs(out / "runs" / "bilstm_kd" / f"seed{s}"))
+        / statistics.median(timed_epochs(out / "runs" / "bilstm_labels_only" / f"seed{s}"))
+        for s in seeds
+        if f"bilstm_kd/seed{s}" in results and f"bilstm_labels_only/seed{s}" in results
+    ]
+    return {
+        "seeds": list(seeds),
+        "accuracy": accuracy,
+        "epoch_s": epoch,
+        "kd_over_labels_only_epoch": ratios,
+        "costs": costs,
+        "data_share": share,
+        "failed": failed,
+        "teacher_wall_s": results["teacher/seed0"].get("wall_s"),
+    }
+
+
+EVAL_SPLIT = {"sst2": "SST-2 dev (872 sentences)", "agnews": "the held-out 10 % (1,000 articles)"}
+
+
+def target(name: str, figure: str, met: bool | str) -> str:
+    """A row of the targets table."""
+    verdict = met if isinstance(met, str) else "yes" if met else "no"
+    return f"| {name} | {figure} | {verdict} |"
+
+
+def write_report(
+    out: Path,
+    task: str,
+    args: argparse.Namespace,
+    report: dict,
+    results: dict[str, dict[str, float]],
+) -> None:
+    """DIR/results.json (every run's metrics + the summary) and DIR/RESULTS.md."""
+    (out / "results.json").write_text(
+        json.dumps({"runs": results, **report}, indent=2, sort_keys=True, default=str)
+    )
+    acc, costs, protocol = report["accuracy"], report["costs"], report["protocol"]
+    teacher = acc["teacher"][0]
+    seeds = " ".join(map(str, args.seeds))
+    lines = [
+        f"# Text distillation benchmark: {task}",
+        "",
+        f"Command: `python benchmarks/text.py --task {task}{' --full' if args.full else ''} "
+        f"--seeds {seeds}` on {platform.machine()} with {torch.get_num_threads()} torch threads "
+        f"({args.accelerator}); whole benchmark {report['wall_s'] / 60:.1f} min, after the "
+        f"teacher {report['after_teacher_wall_s'] / 60:.1f} min (runs found finished are reused). "
+        f"Each run's own wall time: teacher {results['teacher/seed0'].get('wall_s', 0) / 60:.1f} "
+        f"min; students "
+        + ", ".join(
+            f"{name} {m['wall_s'] / 60:.1f}"
+            for name, m in results.items()
+            if name != "teacher/seed0" and "wall_s" in m
+        )
+        + " min.",
+        "",
+        f"Protocol: {protocol['max_length']} tokens; teacher all-MiniLM-L6-v2 fine-tuned "
+        f"{protocol['teacher_epochs'][task]} epoch(s) (AdamW 1e-4, warm-up 10 %, weight decay "
+        f"0.01) on {protocol.get('teacher_samples', {}).get(task) or 'all'} training texts; "
+        f"students on {protocol.get('train_samples') or 'all'} training texts (a fixed subset), "
+        f"BiLSTM {protocol['bilstm_epochs']} epochs (AdamW 2e-3), 3-layer transformer "
+        f"{protocol['transformer_epochs']} epochs (AdamW 1e-4); KD T=2 + 0.5 CE from stored "
+        f"teacher logits. Accuracy on {EVAL_SPLIT[task]} after the last epoch; mean ± std over "
+        f"seeds {', '.join(map(str, args.seeds))} (teacher: one run).",
+        "",
+        "| row | accuracy | params | CPU batch-1 ms | teacher ms / student ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    model_of = {
+        "teacher": "teacher",
+        "bilstm_labels_only": "bilstm_labels_only",
+        "bilstm_kd": "bilstm_labels_only",
+        "bilstm_kd_aug": "bilstm_labels_only",
+        "small_transformer_kd": "small_transformer_kd",
+        "small_transformer_kd_logits": "small_transformer_kd_logits",
+    }
+    teacher_ms = costs.get("teacher", {}).get("latency_ms")
+    for row in (*ROWS, *EXTRA_ROWS):
+        values = acc.get(row) or []
+        cost = costs.get(model_of[row], {})
+        ms = cost.get("latency_ms")
+        speedup = f"{teacher_ms / ms:.1f}x" if ms and teacher_ms and row != "teacher" else ""
+        lines.append(
+            f"| {ROW_LABELS[row]} | {fmt(values) if values else 'not run'} | "
+            f"{cost['params'] / 1e6:.2f}M | {ms:.2f} | {speedup} |"
+            if cost
+            else f"| {ROW_LABELS[row]} | {fmt(values) if values else 'not run'} |  |  |  |"
+        )
+    lines += ["", "| target | figure | met |", "| --- | --- | --- |"]
+    if acc["bilstm_kd_aug"] and acc["bilstm_labels_only"]:
+        value, verdict = better_than(acc["bilstm_kd_aug"], acc["bilstm_labels_only"])
+        lines.append(
+            f"| bilstm_kd_aug > bilstm_labels_only beyond the combined s.e. | {value} | {verdict} |"
+        )
+    else:
+        lines.append(
+            "| bilstm_kd_aug > bilstm_labels_only beyond the combined s.e. | not run | no |"
+        )
+    if acc["bilstm_kd"] and acc["bilstm_labels_only"]:
+        value, verdict = better_than(acc["bilstm_kd"], acc["bilstm_labels_only"])
+        lines.append(f"| (beside it) bilstm_kd − bilstm_labels_only | {value} | {verdict} |")
+    small = "small_transformer_kd" if acc["small_transformer_kd"] else EXTRA_ROWS[0]
+    if acc[small]:
+        gap = teacher - statistics.fmean(acc[small])
+        lines.append(
+            target(
+                "small_transformer_kd within 2 points of the teacher",
+                f"{gap * 100:.2f} points below",
+                gap <= 0.02,
+            )
+        )
+    else:
+        lines.append("| small_transformer_kd within 2 points of the teacher | not run | no |")
+    ratios = report["kd_over_labels_only_epoch"]
+    if ratios:
+        ratio = statistics.fmean(ratios)
+        per_seed = ", ".join(f"{r:.3f}" for r in ratios)
+        lines.append(
+            target(
+                f"stored-view KD epoch / labels-only epoch (BiLSTM; per seed {per_seed}; runs "
+                "one after the other, so machine load is in it)",
+                f"{ratio:.3f}",
+                (ratio <= 1.15) if len(ratios) > 1 else "1 seed: load noise, not a measurement",
+            )
+        )
+    for row in ("bilstm_labels_only", "small_transformer_kd", *EXTRA_ROWS):
+        ms = costs.get(row, {}).get("latency_ms")
+        if ms and teacher_ms:
+            lines.append(
+                target(
+                    f"{row} batch-1 CPU latency ≥ 5x below the teacher's",
+                    f"{teacher_ms / ms:.1f}x",
+                    teacher_ms / ms >= 5,
+                )
+            )
+    share = report["data_share"]
+    lines += [
+        "",
+        f"Share of a labels-only BiLSTM epoch spent outside the model (loader: token cache, "
+        f"padding, collate; 12 batches, median of 3 alternated rounds): "
+        f"{share['share'] * 100:.1f} % "
+        f"({share['loader_s']:.2f} s loader, {share['model_s']:.2f} s forward + backward + step).",
+        "ONNX export: "
+        + "; ".join(
+            f"{k} {v['onnx'] if v['onnx'].startswith('failed') else 'ok'}" for k, v in costs.items()
+        )
+        + ".",
+        "Epoch seconds (median of epochs after the first), per seed: "
+        + "; ".join(
+            f"{row} " + ", ".join(f"{x:.1f}" for x in v)
+            for row, v in report["epoch_s"].items()
+            if v
+        )
+        + ".",
+    ]
+    if report["failed"]:
+        lines += [
+            "",
+            "Rows that did not run: " + "; ".join(f"{k}: {v}" for k, v in report["failed"].items()),
+        ]
+    lines += ["", PUBLISHED[task]]
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
