@@ -21,6 +21,7 @@ from .embedding import contrastive_loss, embed_loss, rkd_angle, rkd_distance
 from .layers import attention_loss, hint_loss, similarity_loss
 from .logits import dkd_loss, kd_loss
 from .term_set import DistillLoss, active_terms
+from .tokens import attention_kl, token_cosine, token_mse
 
 __all__ = [
     "REDUCTIONS",
@@ -32,6 +33,7 @@ __all__ = [
     "TermContext",
     "TermInputs",
     "active_terms",
+    "attention_kl",
     "attention_loss",
     "attention_map",
     "contrastive_loss",
@@ -47,4 +49,6 @@ __all__ = [
     "rkd_distance",
     "similarity_loss",
     "term_classes",
+    "token_cosine",
+    "token_mse",
 ]
