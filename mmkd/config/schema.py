@@ -93,6 +93,9 @@ class ManifestCfg:
     val: Optional[str] = None  # None: held out from train by data.val_fraction
     test: Optional[str] = None  # None: the validation split is also the test split
     class_names: Optional[List[str]] = None  # None: sorted distinct labels of the train manifest
+    # a transfer set: a manifest whose rows join the training split (after the val holdout) with
+    # their labels dropped unread; KD terms use them, label terms (ce) skip them
+    transfer: Optional[str] = None
 
 
 @dataclass

@@ -36,6 +36,7 @@ from mmkd.data.base import (
     holdout_split,
 )
 from mmkd.data.decode import read_audio, read_image
+from mmkd.data.transfer import TransferMix, drop_labels
 from mmkd.errors import ConfigError, DataError
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
@@ -273,6 +274,10 @@ def build_manifest(cfg: DictConfig) -> DatasetSplits:
     val = optional("val")
     if val is None:
         train, val = holdout_split(train, cfg.val_fraction, HOLDOUT_SEED)
+    if m.transfer is not None:  # after the holdout: validation keeps labelled rows only
+        path = _manifest_path(m.transfer)
+        records = drop_labels(read_manifest(path, "data.manifest.transfer"))
+        train = TransferMix(train, dataset(path, records))
     test = optional("test")
     return DatasetSplits(
         train, val, val if test is None else test, modalities=modalities, class_names=classes.names

@@ -3,6 +3,7 @@ one teacher (`DistillLoss`). Adding a term: one module that defines and register
 `mmkd.losses.base.LossTerm`), imported below, plus its test."""
 
 from .base import (
+    IGNORE_LABEL,
     REDUCTIONS,
     TERMS,
     FeatureTarget,
@@ -24,6 +25,7 @@ from .term_set import DistillLoss, active_terms
 from .tokens import attention_kl, token_cosine, token_mse
 
 __all__ = [
+    "IGNORE_LABEL",
     "REDUCTIONS",
     "TERMS",
     "DistillLoss",
