@@ -346,3 +346,16 @@ def test_token_features_are_stored_and_read_back_like_image_features(tmp_path) -
     torch.testing.assert_close(
         stored.features["attentions.1"][0], out.layers["attentions.1"][0], atol=1e-5, rtol=1e-4
     )
+
+
+def test_mmkd_layers_lists_the_token_level_names_the_terms_take(capsys) -> None:
+    from tiny import tiny_overrides
+
+    from mmkd.cli import main
+
+    args = ["layers", "teacher=none", "losses=supervised", "data.train_labels=true"]
+    assert main([*args, *tiny_overrides("student", "text")]) == 0
+    out = capsys.readouterr().out
+    assert "student (text): 9 layers" in out
+    for name, shape in [("tokens.2", "(16, 32)"), ("attentions.1", "(2, 16, 16)")]:
+        assert any(line.split() == [name, *shape.split()] for line in out.splitlines()), name
