@@ -48,16 +48,6 @@ class TextCfg(Section):
         check_positive(cfg, key, "max_length")
         check_augment(cfg.augment, f"{key}.augment")
 
-
-def check_augment(cfg: DictConfig, key: str) -> None:
-    """ConfigError naming the field when a probability is outside [0, 1] or ngram_max < 1."""
-    for name in ("mask_prob", "ngram_prob", "keep_prob"):
-        if not 0 <= cfg[name] <= 1:
-            raise ConfigError(f"{key}.{name}: must be in [0, 1], got {cfg[name]}")
-    check_positive(cfg, key, "ngram_max")
-    if cfg.mask_token is not None and not cfg.mask_token.strip():
-        raise ConfigError(f"{key}.mask_token: must not be blank (None: the tokenizer's)")
-
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
         cfg.pretrained = False  # the text adapter also saves the model config and tokenizer
@@ -67,3 +57,13 @@ def check_augment(cfg: DictConfig, key: str) -> None:
         model = Path(cfg.model)
         if not model.is_absolute() and (folder / model).exists():
             cfg.model = str((folder / model).resolve())
+
+
+def check_augment(cfg: DictConfig, key: str) -> None:
+    """ConfigError naming the field when a probability is outside [0, 1] or ngram_max < 1."""
+    for name in ("mask_prob", "ngram_prob", "keep_prob"):
+        if not 0 <= cfg[name] <= 1:
+            raise ConfigError(f"{key}.{name}: must be in [0, 1], got {cfg[name]}")
+    check_positive(cfg, key, "ngram_max")
+    if cfg.mask_token is not None and not cfg.mask_token.strip():
+        raise ConfigError(f"{key}.mask_token: must not be blank (None: the tokenizer's)")
