@@ -112,16 +112,16 @@ class TokenPairTerm(LayerPairTerm):
     def student_layers(self) -> list[str]:
         return [*super().student_layers(), MASK]
 
-    def pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    def token_pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, inputs: TermInputs) -> Tensor:
-        """The sum of `pair_loss` over the pairs."""
+        """The sum of `token_pair_loss` over the pairs."""
         mask = inputs.student_layers[MASK]
         total = 0.0
         for index, (s, t) in enumerate(self.pairs):
             teacher = inputs.teacher_features[FeatureTarget(t, self.reduce).name]
-            total = total + self.pair_loss(index, inputs.student_layers[s], teacher, mask)
+            total = total + self.token_pair_loss(index, inputs.student_layers[s], teacher, mask)
         return total  # type: ignore[return-value]
 
 
@@ -142,7 +142,7 @@ class ProjectedTokenTerm(TokenPairTerm):
     def compare(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    def token_pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         return self.compare(self.projections[index](student), teacher, mask)
 
 
@@ -206,7 +206,7 @@ class AttentionKL(TokenPairTerm):
     def token_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape[1:]  # (L, L) of (heads, L, L)
 
-    def pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    def token_pair_loss(self, index: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         return attention_kl(student, teacher, mask, self.cfg.heads)
 
 
