@@ -98,6 +98,8 @@ def test_augment_settings_are_checked_at_start_up() -> None:
         validate(compose([*base, "student.text.augment.mask_prob=1.5"]))
     with pytest.raises(ConfigError, match=r"student\.text\.augment\.ngram_max: must be > 0"):
         validate(compose([*base, "student.text.augment.ngram_max=0"]))
+    with pytest.raises(ConfigError, match=r"data\.manifest\.transfer: .*data\.name=demo"):
+        validate(compose([*base, "data.manifest.transfer=phrases.csv"]))
 
 
 # --------------------------------------------------------------------------- replay

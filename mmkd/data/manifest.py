@@ -9,6 +9,9 @@ Labels are class names. When `data.manifest.class_names` is set, a label that is
 also be an integer index into it (CSV cells are text, so "3" counts); otherwise the classes are
 the distinct train labels as strings, sorted with numbers in numeric order.
 
+`data.manifest.transfer` names a manifest whose rows join the training split after the
+validation holdout, their labels dropped unread (mmkd.data.transfer): a transfer set.
+
 Row problems (bad JSON, missing column, unknown label, repeated id) raise `DataError` naming the
 file and row when the dataset is built, or under on_error=skip become `Skipped` samples; files a
 row names are read, and checked, when the sample is loaded. A loaded sample also carries
