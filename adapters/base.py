@@ -74,6 +74,11 @@ class Preprocessor(ABC):
         """Everything that changes the output for a given input (keys the teacher cache)."""
         return {"class": type(self).__name__, "settings": self.settings}
 
+    def augmentation(self) -> dict[str, Any] | None:
+        """The settings that fix a training view of a raw sample ({} when there is no
+        augmentation); None when this preprocessor does not say (then no check compares it)."""
+        return None
+
 
 class ProjectionHead(nn.Module):
     """Features -> shared space (linear or 2-layer MLP, then L2 norm) and an optional classifier."""
@@ -163,6 +168,11 @@ class Adapter(nn.Module, ABC):
     def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """Pooled features and the named intermediate features (B, C, *spatial)."""
         raise NotImplementedError(f"{type(self).__name__} returns no intermediate features")
+
+    def token_layout(self) -> dict[str, Any] | None:
+        """What fixes the token positions of this model's input (tokenizer, max length, text
+        views), for terms that compare features token by token; None: no token positions."""
+        return None
 
     def check_features(self, names: Sequence[str], key: str) -> None:
         """ConfigError naming the valid features when one of `names` is not one of them."""

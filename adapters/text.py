@@ -1,13 +1,29 @@
-"""Text adapter: a transformers encoder (AutoModel) and its tokenizer, mean or CLS pooling."""
+"""Text adapter: a transformers encoder (AutoModel) and its tokenizer, mean or CLS pooling.
+
+Intermediate features, by name (`mmkd layers` lists them with their shapes):
+    hidden_states.N  (H,)             transformers' hidden_states[N] (0: the embedding output, N:
+                                      the output of layer N), pooled like the output
+    tokens.N         (L, H)           hidden_states[N] token by token, L = text.max_length
+    attentions.N     (heads, L, L)    transformers' attentions[N]: the self-attention
+                                      probabilities inside layer N+1 (N = 0..layers-1)
+    attention_mask   (L,)             1 on real tokens
+Token-level features are zero past each text's attention mask and padded to text.max_length,
+so their shape is fixed (they fit the teacher store) and padding never depends on the batch.
+Attentions need transformers' eager attention; the model switches to it when first asked.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -15,7 +31,10 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from mmkd.errors import ConfigError, DataError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
+from .text_augment import TextAugment
 from .text_init import TEXT_ASSETS, keep_layers, load_source_model, load_source_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: DictConfig, key: str) -> Any:
@@ -52,23 +71,60 @@ def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
     return AutoModel.from_config(config, trust_remote_code=remote)
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of everything that decides how a tokenizer splits text into ids (its fast
+    backend's normalizer, pre-tokenizer, vocabulary, special tokens), without the per-call
+    truncation and padding state; two tokenizers with the same digest give the same ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]
+    blob = json.dumps(state, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def make_text_augment(cfg: DictConfig, tokenizer: Any, key: str) -> TextAugment | None:
+    """The `text.augment` views, or None when they are off; the mask token defaults to the
+    tokenizer's."""
+    aug = cfg.augment
+    if not (aug.mask_prob > 0 or aug.ngram_prob > 0):
+        return None
+    mask_token = aug.mask_token or getattr(tokenizer, "mask_token", None)
+    if aug.mask_prob > 0 and not mask_token:
+        raise ConfigError(
+            f"{key}.text.augment.mask_token: the tokenizer has no mask token; name one"
+        )
+    return TextAugment(
+        mask_token or "", aug.mask_prob, aug.ngram_prob, aug.ngram_max, aug.keep_prob
+    )
+
+
 class TextPreprocessor(Preprocessor):
     """A string -> its token ids (truncated to max_length); `collate` pads them to the batch's
-    longest text and adds the attention mask.
+    longest text and adds the attention mask. In training, optionally a random view of the
+    string first (`text.augment`), replayed from (seed, sample id, view).
 
     `warm` tokenises a whole split once (one batched call, kept on disk by mmkd.data.tokens);
-    a text the cache does not hold is tokenised when it is loaded."""
+    a text the cache does not hold (an augmented view, say) is tokenised when it is loaded."""
 
     modality = "text"
 
-    def __init__(self, tokenizer: Any, max_length: int, source: str) -> None:
-        super().__init__(
-            {"tokenizer": source, "max_length": max_length}, randomized_in_training=False
-        )
+    def __init__(
+        self, tokenizer: Any, max_length: int, source: str, augment: TextAugment | None = None
+    ) -> None:
+        augment = augment if augment is not None and augment.enabled else None
+        settings: dict[str, Any] = {"tokenizer": source, "max_length": max_length}
+        if augment is not None:  # absent when off: stores of unaugmented text keep their keys
+            settings["augment"] = augment.settings()
+        super().__init__(settings, randomized_in_training=augment is not None)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id or 0
         self.tokens: dict[str, np.ndarray] = {}  # text -> token ids, filled by `warm`
+        self.augment = augment
 
     def warm(self, texts: Sequence[str], cache_dir: Path | None) -> bool:
         """Tokenise `texts` once (or read them from the disk cache: returns True)."""
@@ -83,6 +139,8 @@ class TextPreprocessor(Preprocessor):
             raise DataError(f"text must be a string, got {type(raw).__name__}")
         if not raw.strip():
             raise DataError("text is empty")
+        if train and self.augment is not None:
+            raw = self.augment(raw)
         return self.tokenize(raw)
 
     def tokenize(self, text: str) -> np.ndarray:
@@ -103,6 +161,9 @@ class TextPreprocessor(Preprocessor):
             input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
             attention_mask[row, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def augmentation(self) -> dict[str, Any]:
+        return self.settings.get("augment", {})
 
 
 @ADAPTERS.register("text")
@@ -140,7 +201,19 @@ class TextAdapter(Adapter):
 
     def make_preprocessor(self) -> TextPreprocessor:
         cfg = self.spec.text
-        return TextPreprocessor(self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model))
+        augment = make_text_augment(cfg, self.tokenizer, self.key)
+        return TextPreprocessor(
+            self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model), augment
+        )
+
+    def token_layout(self) -> dict[str, Any]:
+        cfg = self.spec.text
+        return {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "max_length": cfg.max_length,
+            "augment": self.make_preprocessor().augmentation(),
+            "source": str(cfg.tokenizer or cfg.model),  # for messages; not compared
+        }
 
     def pool(self, hidden: Tensor, batch: Batch) -> Tensor:
         if self.spec.text.pooling == "cls":
@@ -151,15 +224,52 @@ class TextAdapter(Adapter):
         return self.pool(self.encoder(**batch).last_hidden_state, batch)
 
     def feature_names(self) -> list[str]:
-        """transformers' `hidden_states`: 0 is the embedding output, i the output of layer i."""
-        return [f"hidden_states.{i}" for i in range(self.encoder.config.num_hidden_layers + 1)]
+        """transformers' `hidden_states` (0: the embedding output, i: the output of layer i),
+        pooled and token by token, its `attentions` and the attention mask (module docstring)."""
+        layers = self.encoder.config.num_hidden_layers
+        return [
+            *(f"hidden_states.{i}" for i in range(layers + 1)),
+            *(f"tokens.{i}" for i in range(layers + 1)),
+            *(f"attentions.{i}" for i in range(layers)),
+            "attention_mask",
+        ]
+
+    def use_eager_attention(self) -> None:
+        """transformers returns attention probabilities only from its eager implementation."""
+        if getattr(self.encoder.config, "_attn_implementation", "eager") != "eager":
+            log.info("%s: attentions asked for; switching to eager attention", self.key)
+            self.encoder.set_attn_implementation("eager")
 
     def encode_layers(self, batch: Batch, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Hidden states pooled like the output (mean over real tokens, or CLS): (B, H) each,
-        so features of texts of any length compare (and fit in the teacher store)."""
-        out = self.encoder(**batch, output_hidden_states=True)
-        hidden = out.hidden_states
-        layers = {name: self.pool(hidden[int(name.split(".")[1])], batch) for name in names}
+        """`hidden_states.N` pooled like the output (mean over real tokens, or CLS): (B, H);
+        token-level features (B, L, ...) zero past the mask, padded to L = text.max_length."""
+        attentions = any(name.startswith("attentions.") for name in names)
+        if attentions:
+            self.use_eager_attention()
+        out = self.encoder(**batch, output_hidden_states=True, output_attentions=attentions)
+        if attentions and not out.attentions:
+            raise ConfigError(f"{self.key}.text.model: the model returns no attentions")
+        mask = batch["attention_mask"]
+        length = self.spec.text.max_length
+        pad = length - mask.shape[1]
+        if pad < 0:
+            raise DataError(
+                f"{self.key}: a batch of {mask.shape[1]} tokens exceeds text.max_length={length}"
+            )
+        real = mask.to(out.last_hidden_state.dtype)
+        layers = {}
+        for name in names:
+            kind, _, index = name.partition(".")
+            if kind == "hidden_states":
+                layers[name] = self.pool(out.hidden_states[int(index)], batch)
+            elif kind == "tokens":
+                tokens = out.hidden_states[int(index)] * real[:, :, None]
+                layers[name] = F.pad(tokens, (0, 0, 0, pad))
+            elif kind == "attentions":
+                probs = out.attentions[int(index)] * real[:, None, :, None] * real[:, None, None, :]
+                layers[name] = F.pad(probs, (0, pad, 0, pad))
+            else:  # attention_mask (names are checked at start-up)
+                layers[name] = F.pad(real, (0, pad))
         return self.pool(out.last_hidden_state, batch), layers
 
     def example_batch(self, batch_size: int = 1) -> Batch:

@@ -9,7 +9,23 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
+from mmkd.errors import ConfigError
+
 from .sections import Section, check_choice, check_positive
+
+
+@dataclass
+class TextAugmentCfg:
+    """Text views (Tang et al. 2019), replayed by (augmentation seed, sample id, view): each word
+    becomes the mask token with `mask_prob`, then with `ngram_prob` only a random n-gram of the
+    words is kept. Off while both are 0. Give the teacher and its text students the same settings:
+    they must read the same view."""
+
+    mask_prob: float = 0.0  # Tang et al.: 0.1
+    ngram_prob: float = 0.0  # Tang et al.: 0.25
+    ngram_max: int = 5  # n of an n-gram is drawn uniformly from 1..ngram_max
+    keep_prob: float = 0.0  # probability that a view is the original text (Tang et al. keep it)
+    mask_token: Optional[str] = None  # None: the tokenizer's mask token ("[MASK]" for BERT)
 
 
 @dataclass
@@ -30,11 +46,13 @@ class TextCfg(Section):
     # keep only these layers (0-based, in order) of the model: [0, 2, 4] cuts a 6-layer teacher
     # to 3 layers with its embeddings (DistilBERT's initialisation); None: every layer
     keep_layers: Optional[List[int]] = None
+    augment: TextAugmentCfg = field(default_factory=TextAugmentCfg)  # training views (off: 0s)
 
     @classmethod
     def check(cls, cfg: DictConfig, key: str) -> None:
         check_choice(cfg, key, "pooling", ("mean", "cls"))
         check_positive(cfg, key, "max_length")
+        check_augment(cfg.augment, f"{key}.augment")
 
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
@@ -47,3 +65,13 @@ class TextCfg(Section):
         model = Path(cfg.model)
         if not model.is_absolute() and (folder / model).exists():
             cfg.model = str((folder / model).resolve())
+
+
+def check_augment(cfg: DictConfig, key: str) -> None:
+    """ConfigError naming the field when a probability is outside [0, 1] or ngram_max < 1."""
+    for name in ("mask_prob", "ngram_prob", "keep_prob"):
+        if not 0 <= cfg[name] <= 1:
+            raise ConfigError(f"{key}.{name}: must be in [0, 1], got {cfg[name]}")
+    check_positive(cfg, key, "ngram_max")
+    if cfg.mask_token is not None and not cfg.mask_token.strip():
+        raise ConfigError(f"{key}.mask_token: must not be blank (None: the tokenizer's)")

@@ -29,7 +29,7 @@ from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
 from mmkd.checkpoint import rng_state, set_rng_state
 from mmkd.config.validate import loss_sections
-from mmkd.errors import MMKDError
+from mmkd.errors import ConfigError, MMKDError
 from mmkd.losses import DistillLoss, FeatureTarget, Gather, distributed_gather, local_gather
 from mmkd.store import TeacherTargets
 from mmkd.teacher_source import TeacherSource, make_teacher_source
@@ -60,6 +60,26 @@ def freeze_unused_head(student: Adapter, losses: list[DistillLoss], role: str) -
         head.proj.requires_grad_(False)
 
 
+def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter]) -> None:
+    """A teacher whose training input is augmented sees view v of a sample; a student of the same
+    modality must draw the same view (the same settings), or it learns the teacher's outputs on
+    other inputs. Compared where both preprocessors say their settings (text views)."""
+    for name, teacher in teachers.items():
+        settings = teacher.make_preprocessor().augmentation()
+        if not settings:
+            continue
+        teacher_key = "teacher" if name == SHORTHAND else f"teachers.{name}"
+        for role, student in students.items():
+            theirs = student.make_preprocessor().augmentation()
+            if student.modality == teacher.modality and theirs is not None and theirs != settings:
+                student_key = "student" if role == "student" else f"extra_students.{role}"
+                raise ConfigError(
+                    f"{student_key}: its training views ({theirs or 'none'}) differ from "
+                    f"{teacher_key}'s ({settings}); give both the same augmentation settings "
+                    "(e.g. the same text.augment), so the student reads the view the teacher saw"
+                )
+
+
 class DistillModule(pl.LightningModule):
     """Trains the student(s) against a frozen teacher (or labels) with the weighted `losses`.
 
@@ -83,6 +103,7 @@ class DistillModule(pl.LightningModule):
         object.__setattr__(self, "teachers", dict(teachers))
         for teacher in self.teachers.values():
             teacher.requires_grad_(False).eval()
+        check_same_views(self.teachers, students)
         self.losses = nn.ModuleDict(
             {role: self.build_losses(cfg, role, student) for role, student in students.items()}
         )

@@ -73,6 +73,7 @@ DATA_PATH_KEYS = (
     "manifest.train",
     "manifest.val",
     "manifest.test",
+    "manifest.transfer",
     "folder.train",
     "folder.val",
     "folder.test",

@@ -106,6 +106,9 @@ class ManifestCfg:
     # true: rows with an empty / missing label load unlabelled (label None) among labelled rows;
     # false: such a row is an error naming it (skipped and counted under data.on_error=skip)
     unlabelled: bool = False
+    # a transfer set: a manifest whose rows join the training split (after the val holdout) with
+    # their labels dropped unread; KD terms use them, label terms (ce) skip them
+    transfer: Optional[str] = None
 
 
 @dataclass

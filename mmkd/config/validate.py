@@ -141,6 +141,11 @@ def validate(cfg: DictConfig) -> None:
         _check_adapter(key, spec, base)
     DATASETS.get(cfg.data.name, key="data.name")
     cache_mode(cfg.data)  # data.decode_cache: auto | true | false
+    if cfg.data.manifest.transfer is not None and cfg.data.name != "manifest":
+        raise ConfigError(
+            f"data.manifest.transfer: a transfer set mixes into manifest data, but data.name="
+            f"{cfg.data.name}"
+        )
     check_loggers(cfg.run.loggers)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")

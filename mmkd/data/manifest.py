@@ -15,6 +15,9 @@ Labels are class names. When `data.manifest.class_names` is set, a label that is
 also be an integer index into it (CSV cells are text, so "3" counts); otherwise the classes are
 the distinct train labels as strings, sorted with numbers in numeric order.
 
+`data.manifest.transfer` names a manifest whose rows join the training split after the
+validation holdout, their labels dropped unread (mmkd.data.transfer): a transfer set.
+
 Row problems (bad JSON, missing column, unknown label, repeated id) raise `DataError` naming the
 file and row when the dataset is built, or under on_error=skip become `Skipped` samples; files a
 row names are read, and checked, when the sample is loaded. A loaded sample also carries
@@ -43,6 +46,7 @@ from mmkd.data.base import (
     holdout_split,
 )
 from mmkd.data.decode import read_audio, read_image
+from mmkd.data.transfer import TransferMix, drop_labels
 from mmkd.errors import ConfigError, DataError
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
@@ -389,6 +393,10 @@ def build_manifest(cfg: DictConfig) -> DatasetSplits:
     val = optional("val")
     if val is None:
         train, val = holdout_split(train, cfg.val_fraction, HOLDOUT_SEED)
+    if m.transfer is not None:  # after the holdout: validation keeps labelled rows only
+        path = _manifest_path(m.transfer)
+        records = drop_labels(read_manifest(path, "data.manifest.transfer"))
+        train = TransferMix(train, dataset(path, records))
     test = optional("test")
     return DatasetSplits(
         train, val, val if test is None else test, modalities=modalities, class_names=classes.names

@@ -6,6 +6,9 @@ the modality it reads, so a batch holds one input per role:
     {"inputs": {role: {...tensors...}}, "labels": LongTensor (absent when withheld),
      "ids": [sample ids], "views": [view index of each sample] (training), "skipped": int}
 
+In training, a dataset with classes gives every batch labels, IGNORE_LABEL (-100) for a row
+without one (a transfer set mixed into the labelled rows): label terms skip those rows.
+
 Training samples are augmented reproducibly: the batch sampler gives each sample a view index
 (`mmkd.replay.ViewPolicy`) and every role's random transforms run inside
 `replay_scope(seed, sample id, view)`, so roles of the same modality and settings see the same
@@ -33,6 +36,7 @@ from mmkd.data.tokens import dataset_texts
 from mmkd.data.webdataset import ShardStream, StreamLoader
 from mmkd.data.workers import LoaderSettings, loader_settings
 from mmkd.errors import DataError
+from mmkd.losses.base import IGNORE_LABEL
 from mmkd.replay import ViewPolicy, replay_scope, view_seed
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,10 @@ class RoleCollate:
             batch["views"] = [s.get("view", 0) for s in kept]
         labels = [s.get("label") for s in kept]
         if self.keep_labels and kept and all(label is not None for label in labels):
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        elif self.keep_labels and kept and self.train and self.num_classes:
+            # unlabelled rows among labelled ones (a transfer set): label terms skip them
+            labels = [IGNORE_LABEL if label is None else label for label in labels]
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
 

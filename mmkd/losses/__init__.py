@@ -3,6 +3,7 @@ one teacher (`DistillLoss`). Adding a term: one module that defines and register
 `mmkd.losses.base.LossTerm`), imported below, plus its test."""
 
 from .base import (
+    IGNORE_LABEL,
     REDUCTIONS,
     TERMS,
     FeatureTarget,
@@ -22,8 +23,10 @@ from .layers import attention_loss, hint_loss, similarity_loss
 from .logits import dkd_loss, kd_loss
 from .sigmoid import sigmoid_kd_loss
 from .term_set import DistillLoss, active_terms
+from .tokens import attention_kl, token_cosine, token_mse
 
 __all__ = [
+    "IGNORE_LABEL",
     "REDUCTIONS",
     "TERMS",
     "DistillLoss",
@@ -33,6 +36,7 @@ __all__ = [
     "TermContext",
     "TermInputs",
     "active_terms",
+    "attention_kl",
     "attention_loss",
     "attention_map",
     "contrastive_loss",
@@ -49,4 +53,6 @@ __all__ = [
     "sigmoid_kd_loss",
     "similarity_loss",
     "term_classes",
+    "token_cosine",
+    "token_mse",
 ]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mmkd.errors import ConfigError
 
-from .base import LossTerm, TermContext, TermInputs, register_term, upcast
+from .base import IGNORE_LABEL, LossTerm, TermContext, TermInputs, register_term, upcast
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -66,6 +66,11 @@ def dkd_loss(
         log_target=True,
     )
     return (alpha * tckd + beta * nckd) * t * t
+
+
+def labelled(labels: Tensor) -> Tensor:
+    """Which rows of a batch carry a label (the others are IGNORE_LABEL: unlabelled rows)."""
+    return labels != IGNORE_LABEL
 
 
 def check_classifiers(ctx: TermContext, name: str, teacher_too: bool) -> None:
@@ -144,10 +149,13 @@ class DKD(LossTerm):
             raise ValueError(f"losses.{self.name} needs labels but the batch has none")
         cfg = self.cfg
         ramp = min(inputs.epoch / cfg.warmup_epochs, 1.0) if cfg.warmup_epochs else 1.0
+        rows = labelled(inputs.labels)  # it splits on the true class: labelled rows only
+        if not rows.any():
+            return inputs.student_logits.sum() * 0.0
         return ramp * dkd_loss(
-            inputs.student_logits,
-            inputs.teacher_logits,
-            inputs.labels,
+            inputs.student_logits[rows],
+            inputs.teacher_logits[rows],
+            inputs.labels[rows],
             cfg.alpha,
             cfg.beta,
             cfg.temperature,
@@ -176,8 +184,15 @@ class CE(LossTerm):
         check_classifiers(ctx, self.name, teacher_too=False)
 
     def forward(self, inputs: TermInputs) -> Tensor:
+        """The mean over the labelled rows (rows labelled IGNORE_LABEL, a transfer set mixed
+        into the data, are skipped; 0 when the batch has none)."""
         if inputs.labels is None:
             raise ValueError("losses.ce needs labels but the batch has none")
+        if not labelled(inputs.labels).any():
+            return inputs.student_logits.sum() * 0.0
         return F.cross_entropy(
-            inputs.student_logits, inputs.labels, label_smoothing=self.cfg.label_smoothing
+            inputs.student_logits,
+            inputs.labels,
+            label_smoothing=self.cfg.label_smoothing,
+            ignore_index=IGNORE_LABEL,
         )
