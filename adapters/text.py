@@ -87,16 +87,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def make_text_augment(cfg: DictConfig, tokenizer: Any, key: str) -> TextAugment | None:
-    """The `text.augment` views, or None when they are off; the mask token defaults to the
-    tokenizer's."""
+    """The views of section `cfg` (config key `key`, e.g. student.text), or None when they are
+    off; the mask token defaults to the tokenizer's."""
     aug = cfg.augment
     if not (aug.mask_prob > 0 or aug.ngram_prob > 0):
         return None
     mask_token = aug.mask_token or getattr(tokenizer, "mask_token", None)
     if aug.mask_prob > 0 and not mask_token:
-        raise ConfigError(
-            f"{key}.text.augment.mask_token: the tokenizer has no mask token; name one"
-        )
+        raise ConfigError(f"{key}.augment.mask_token: the tokenizer has no mask token; name one")
     return TextAugment(
         mask_token or "", aug.mask_prob, aug.ngram_prob, aug.ngram_max, aug.keep_prob
     )
@@ -201,7 +199,7 @@ class TextAdapter(Adapter):
 
     def make_preprocessor(self) -> TextPreprocessor:
         cfg = self.spec.text
-        augment = make_text_augment(cfg, self.tokenizer, self.key)
+        augment = make_text_augment(cfg, self.tokenizer, f"{self.key}.text")
         return TextPreprocessor(
             self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model), augment
         )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .base import ADAPTERS, Adapter, Batch, masked_mean
-from .text import TextPreprocessor
+from .text import TextPreprocessor, make_text_augment
 from .text_init import TEXT_ASSETS, load_source_model, load_source_tokenizer
 
 
@@ -96,7 +96,9 @@ class TextRnnAdapter(Adapter):
 
     def make_preprocessor(self) -> TextPreprocessor:
         cfg = self.spec.text_rnn
-        return TextPreprocessor(self.tokenizer, cfg.max_length, str(cfg.init_from or cfg.tokenizer))
+        augment = make_text_augment(cfg, self.tokenizer, f"{self.key}.text_rnn")
+        source = str(cfg.init_from or cfg.tokenizer)
+        return TextPreprocessor(self.tokenizer, cfg.max_length, source, augment)
 
     def encode(self, batch: Batch) -> Tensor:
         return self.encoder(batch["input_ids"], batch["attention_mask"])[1]

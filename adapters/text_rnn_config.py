@@ -3,13 +3,14 @@
 # OmegaConf reads these annotations at run time: keep typing.Optional here.
 # ruff: noqa: UP045
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
 
 from .sections import Section, check_choice, check_non_negative, check_positive
+from .text_config import TextAugmentCfg, check_augment
 
 
 @dataclass
@@ -31,12 +32,15 @@ class TextRnnCfg(Section):
     dropout: float = 0.1  # on the embeddings and between LSTM layers
     max_length: int = 64  # tokens kept per text (truncated after)
     trust_remote_code: bool = False
+    # training views of the text (Tang et al.), as the text section's: give the teacher the same
+    augment: TextAugmentCfg = field(default_factory=TextAugmentCfg)
 
     @classmethod
     def check(cls, cfg: DictConfig, key: str) -> None:
         check_choice(cfg, key, "pooling", ("max", "mean", "last"))
         check_positive(cfg, key, "embedding_dim", "hidden_size", "num_layers", "max_length")
         check_non_negative(cfg, key, "dropout")
+        check_augment(cfg.augment, f"{key}.augment")
 
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
