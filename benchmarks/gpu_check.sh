@@ -12,6 +12,8 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute, then run from the repository root
+cd "$(dirname "$0")/.."
 status=0
 step() { echo "== $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 
