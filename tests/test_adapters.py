@@ -17,6 +17,7 @@ from tiny import TINY_SPECS, tiny_spec
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
 from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
+from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import save_state
 from mmkd.registry import Registry, UnknownNameError
@@ -193,7 +194,7 @@ READS = {
     "audio_wav2vec2": {"audio", "wav2vec2"},
     "audio_hubert": {"audio", "wav2vec2"},
 }
-SECTIONS = {"timm", "image", "text", "text_rnn", "audio", "cnn", "wav2vec2"}
+SECTIONS = set(ADAPTER_SECTIONS)  # every adapter section of the schema
 
 
 @pytest.mark.parametrize("name", NAMES)

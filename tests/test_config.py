@@ -61,7 +61,7 @@ def test_compose_errors_name_the_key(override, message):
         (
             ["student.adapter=imgae"],
             r"student\.adapter: unknown adapter 'imgae'\. Did you mean 'image'\? Valid names: "
-            r"audio_cnn, audio_hubert, audio_timm, audio_wav2vec2, image, text",
+            r"audio_cnn, audio_hubert, audio_timm, audio_wav2vec2, crepe, image, text, text_rnn",
         ),
         (["teacher.adapter=nope"], r"teacher\.adapter: unknown adapter 'nope'"),
         (["losses.kd.temperature=0"], r"losses\.kd\.temperature: must be > 0"),

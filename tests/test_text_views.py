@@ -136,7 +136,7 @@ def text_views(workers: int, seed: int = 42) -> tuple[torch.Tensor, list[str]]:
     strings = []
     for index, view in KEYS:
         with replay_scope(seed, f"sst:{index}", view):
-            strings.append(pre(SENTENCES[index], train=True))
+            strings.append(pre.augment(SENTENCES[index]))  # what pre(...) tokenises
     return ids, strings
 
 
@@ -345,8 +345,10 @@ def test_a_run_distils_stored_text_views_with_a_transfer_set_and_a_token_term(tm
     header = metrics[0].split(",")
     for term in ("train/kd", "train/ce", "train/token_cosine"):
         assert term in header
-    entries = {
-        p.name: json.loads((p / "meta.json").read_text()) for p in (tmp_path / "store").iterdir()
+    entries = {  # the store entries; the token cache (tokens/) lives beside them
+        p.name: json.loads((p / "meta.json").read_text())
+        for p in (tmp_path / "store").iterdir()
+        if p.name != "tokens" and (p / "meta.json").is_file()
     }
     by_views = {meta["views"]: meta for meta in entries.values()}
     assert sorted(by_views) == [1, 2]  # val (1 view) and train (2 augmented views)
