@@ -105,17 +105,7 @@ class AudioPreprocessor(Preprocessor):
     def augment_waveform(self, wave: Tensor) -> Tensor:
         """Random time shift (zero fill) and gain, drawn from torch's generator."""
         shift_max = round(self.cfg["time_shift"] * self.cfg["sample_rate"])
-        if shift_max:
-            shift = int(torch.randint(-shift_max, shift_max + 1, ()))
-            wave = torch.roll(wave, shift)
-            if shift > 0:
-                wave[:shift] = 0
-            elif shift < 0:
-                wave[shift:] = 0
-        if self.cfg["gain_db"]:
-            gain = (torch.rand(()) * 2 - 1) * self.cfg["gain_db"]
-            wave = torchaudio.functional.gain(wave, float(gain))
-        return wave
+        return shift_and_gain(wave, shift_max, self.cfg["gain_db"])
 
     def __call__(self, raw: Any, *, train: bool) -> Tensor:
         wave = self.waveform(raw)
@@ -151,6 +141,23 @@ def sample_rate(rate: Any) -> int:
 # peaking at ~32 bytes per element: 0.5 GB at this limit, 2 GB for 8001 -> 8000 Hz, far more for
 # a corrupt header's rate. Common rates, NTSC-adjusted ones included, stay well below it.
 MAX_RESAMPLE_KERNEL = 2**24
+
+
+def shift_and_gain(wave: Tensor, shift_max: int, gain_db: float) -> Tensor:
+    """A random time shift of up to `shift_max` samples (zero fill), then a random gain within
+    ±`gain_db` dB, drawn in that order from torch's generator (so a `replay_scope` replays them).
+    """
+    if shift_max:
+        shift = int(torch.randint(-shift_max, shift_max + 1, ()))
+        wave = torch.roll(wave, shift)
+        if shift > 0:
+            wave[:shift] = 0
+        elif shift < 0:
+            wave[shift:] = 0
+    if gain_db:
+        gain = (torch.rand(()) * 2 - 1) * gain_db
+        wave = torchaudio.functional.gain(wave, float(gain))
+    return wave
 
 
 def make_resampler(rate: int, target: int) -> torchaudio.transforms.Resample:

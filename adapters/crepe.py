@@ -21,13 +21,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mmkd.errors import ConfigError, DataError
 
-from .audio import sample_rate
+from .audio import sample_rate, shift_and_gain
 from .base import ADAPTERS, Adapter, AdapterOutput, Batch, Preprocessor, ProjectionHead
 from .crepe_config import CAPACITIES
 
@@ -104,17 +103,7 @@ class CrepePreprocessor(Preprocessor):
     def augment(self, wave: Tensor) -> Tensor:
         """Time shift (zero fill), gain, white noise: drawn from torch's generator, so a
         `replay_scope` replays them."""
-        shift_max = self.settings["time_shift"]
-        if shift_max:
-            shift = int(torch.randint(-shift_max, shift_max + 1, ()))
-            wave = torch.roll(wave, shift)
-            if shift > 0:
-                wave[:shift] = 0
-            elif shift < 0:
-                wave[shift:] = 0
-        if self.settings["gain_db"]:
-            gain = (torch.rand(()) * 2 - 1) * self.settings["gain_db"]
-            wave = torchaudio.functional.gain(wave, float(gain))
+        wave = shift_and_gain(wave, self.settings["time_shift"], self.settings["gain_db"])
         if self.settings["noise"]:
             level = torch.rand(()) * self.settings["noise"]
             wave = wave + level * torch.randn(wave.shape)
