@@ -220,6 +220,9 @@ class DecodedDataset(Dataset):
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # the entry's key covers every sample's id and its files' paths, sizes and mtimes: the
+        # content identity the teacher store keys on (mmkd.store.data_content)
+        self.content_key = folder.name
         try:
             meta = json.loads((folder / "meta.json").read_text())
             self.chunk_size = int(meta["chunk_size"])
