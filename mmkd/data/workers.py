@@ -14,10 +14,12 @@ main process (loading and preprocessing a probe of samples, scaled to the batch 
 
 Workers are persistent (kept between epochs), `pin_memory` is on when the trainer runs on
 CUDA, and every worker runs torch with one thread (the DataLoader's default). When workers
-are chosen for CPU training, the main process's torch threads drop to `cores - workers`:
-threads beyond the cores spin against each other (measured here on the 2-core machine under
-load: a ResNet-8 step took 6.4 s with 2 threads, 1.6 s with 1). `data.num_workers=N` sets the
-count and leaves torch's threads alone (`torch.set_num_threads`, or OMP_NUM_THREADS).
+are chosen, the main process's torch threads are left as they are: the choice rests on a timing,
+and changing the thread count with it would change a CPU run's floating-point sums from one
+start to the next (a resumed run would no longer match an uninterrupted one bit for bit). On a
+small machine where workers are chosen, give the main process fewer threads yourself
+(`OMP_NUM_THREADS`; measured here on the 2-core machine under load: a ResNet-8 step took 6.4 s
+with 2 threads, 1.6 s with 1). `data.num_workers=N` sets the count.
 """
 
 from __future__ import annotations
@@ -100,10 +102,6 @@ def loader_settings(
     if configured is None:
         seconds = batch_cost(prepare, size, batch_size)
         settings = LoaderSettings(choose_workers(cores, seconds, cuda), cuda, chosen=True)
-        if settings.num_workers and not cuda:
-            torch.set_num_threads(
-                max(1, min(torch.get_num_threads(), cores - settings.num_workers))
-            )
     else:
         settings = LoaderSettings(configured, cuda, chosen=False)
     log.info(settings.describe(seconds, cores))
