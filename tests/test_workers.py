@@ -7,22 +7,23 @@ import pytest
 from mmkd.data import workers
 from mmkd.data.workers import choose_workers, loader_settings
 
+REAL_RULE = workers.choose_workers
+
 
 @pytest.fixture(autouse=True)
 def real_rule(monkeypatch) -> None:
     """Undo conftest's no_chosen_workers: these tests check the documented rule."""
-    monkeypatch.setattr(workers, "CPU_CHEAP_BATCH_S", 0.05)
+    monkeypatch.setattr(workers, "choose_workers", REAL_RULE)
 
 
 @pytest.mark.parametrize(
     ("cores", "batch_ms", "cuda", "expected"),
     [
-        (2, 3.0, False, 0),  # CPU training, cheap batches (decoded cache): main process
+        (2, 3.0, False, 0),  # CPU training: the main process prepares batches ...
         (16, 49.0, False, 0),
-        (2, 60.0, False, 1),  # costly batches: at most cores - 1 ...
-        (16, 60.0, False, 8),  # ... one per 5 ms of preparation, at most 8
-        (16, 20.0, False, 0),
-        (16, 20.0, True, 4),  # CUDA: workers even for cheap batches ...
+        (2, 60.0, False, 0),  # ... however costly (bit-exact resume needs 0 workers)
+        (16, 60.0, True, 8),  # CUDA: one per 5 ms of preparation, at most 8 ...
+        (16, 20.0, True, 4),  # ... workers even for cheap batches ...
         (2, 1.0, True, 1),  # ... at least one
         (4, 1000.0, True, 3),
         (1, 1000.0, True, 0),  # one core: no worker
@@ -61,7 +62,7 @@ def test_chosen_workers_leave_torch_threads_alone(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        slow = loader_settings(None, lambda i: time.sleep(0.1), size=100, batch_size=64, cuda=False)
+        slow = loader_settings(None, lambda i: time.sleep(0.1), size=100, batch_size=64, cuda=True)
         assert slow.num_workers == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

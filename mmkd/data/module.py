@@ -391,6 +391,11 @@ class DistillDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=self.loader_settings.pin_memory,
             collate_fn=self._collate(train, test),
+            # a loader's iterator draws its workers' base seed from this generator; from the
+            # global one, the draw (once per epoch, or once per run with persistent workers)
+            # would shift the training randomness (dropout) with the worker count, and a
+            # resumed run would draw where the run it continues did not
+            generator=torch.Generator().manual_seed(self.seed),
             **sampling,
         )
 

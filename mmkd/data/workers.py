@@ -5,12 +5,13 @@ whether training runs on CUDA, and the measured cost of preparing one training b
 main process (loading and preprocessing a probe of samples, scaled to the batch size):
 
 - one core: 0 workers;
-- training on the CPU, a batch that costs less than `CPU_CHEAP_BATCH_S` to prepare (decoded
-  cache, in-memory data): 0 workers. The training step already uses every core, so a worker
-  would only take cores from it and add the copy of every batch between processes;
-- otherwise (CUDA, where the main process mostly waits for the GPU, or costly batches) one
-  worker per `WORKER_BATCH_S` of preparation, at least 1, at most `cores - 1` and
-  `MAX_WORKERS`.
+- training on the CPU: 0 workers. The training step already uses every core, so a worker would
+  only take cores from it and add the copy of every batch between processes; and a resumed run
+  matches an uninterrupted one bit for bit only with 0 workers (measured: with 1 worker a
+  mid-epoch resume ends 2e-3 away in the weights; not yet explained), so a choice that rests
+  on a timing must not bring workers in. Set `data.num_workers=N` for costly CPU batches;
+- CUDA (the main process mostly waits for the GPU): one worker per `WORKER_BATCH_S` of
+  preparation, at least 1, at most `cores - 1` and `MAX_WORKERS`.
 
 Workers are persistent (kept between epochs), `pin_memory` is on when the trainer runs on
 CUDA, and every worker runs torch with one thread (the DataLoader's default). When workers
@@ -32,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mmkd.replay import replay_scope
+
 log = logging.getLogger(__name__)
 
-CPU_CHEAP_BATCH_S = 0.05  # CPU training: below this per batch, prepare in the main process
 WORKER_BATCH_S = 0.005  # one worker per this much preparation per batch
 MAX_WORKERS = 8
 PROBE_SAMPLES = 32
@@ -51,7 +53,7 @@ def available_cores() -> int:
 def choose_workers(cores: int, batch_seconds: float, cuda: bool) -> int:
     """The worker count for `cores` cores, `batch_seconds` to prepare one batch, and training
     on CUDA or not."""
-    if cores < 2 or (not cuda and batch_seconds < CPU_CHEAP_BATCH_S):
+    if cores < 2 or not cuda:
         return 0
     wanted = int(batch_seconds // WORKER_BATCH_S)
     return max(1, min(wanted, cores - 1, MAX_WORKERS))
@@ -64,10 +66,14 @@ def batch_cost(prepare: Callable[[list[int]], object], size: int, batch_size: in
     count = min(size, PROBE_SAMPLES, batch_size)
     if count < 1:
         return 0.0
-    prepare([0])
-    start = time.perf_counter()
-    prepare(list(range(count)))
-    return (time.perf_counter() - start) / count * batch_size
+    # augmentation draws from the global generators: the probe must leave them as it found
+    # them, or a resumed run (generators restored from its checkpoint before the loaders are
+    # built) would continue from other random numbers than the run it resumes
+    with replay_scope(0, "worker-probe", 0):
+        prepare([0])
+        start = time.perf_counter()
+        prepare(list(range(count)))
+        return (time.perf_counter() - start) / count * batch_size
 
 
 @dataclass(frozen=True)
