@@ -137,6 +137,19 @@ def sample_rate(rate: Any) -> int:
     return value
 
 
+def mono_float32(raw: Any) -> tuple[np.ndarray, int]:
+    """A raw (waveform, rate) pair as a float32 array (channels averaged) and its rate in Hz."""
+    try:
+        samples, rate = raw
+    except (TypeError, ValueError):
+        raise DataError("audio must be a (waveform, sample_rate) pair") from None
+    rate = sample_rate(rate)
+    array = np.asarray(samples, dtype=np.float32)
+    if array.ndim == 2:
+        array = array.mean(axis=1)
+    return array, rate
+
+
 # torchaudio's Resample builds a (target/g, rate/g + filter width) kernel, g = gcd(rate, target),
 # peaking at ~32 bytes per element: 0.5 GB at this limit, 2 GB for 8001 -> 8000 Hz, far more for
 # a corrupt header's rate. Common rates, NTSC-adjusted ones included, stay well below it.

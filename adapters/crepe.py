@@ -18,7 +18,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from mmkd.errors import ConfigError, DataError
 
-from .audio import sample_rate, shift_and_gain
+from .audio import mono_float32, shift_and_gain
 from .base import ADAPTERS, Adapter, AdapterOutput, Batch, Preprocessor, ProjectionHead
 from .crepe_config import CAPACITIES
 
@@ -81,14 +80,7 @@ class CrepePreprocessor(Preprocessor):
 
     def frame(self, raw: Any) -> Tensor:
         """The checked mono frame (1024,) as float32."""
-        try:
-            samples, rate = raw
-        except (TypeError, ValueError):
-            raise DataError("audio must be a (waveform, sample_rate) pair") from None
-        rate = sample_rate(rate)
-        array = np.asarray(samples, dtype=np.float32)
-        if array.ndim == 2:
-            array = array.mean(axis=1)
+        array, rate = mono_float32(raw)
         if rate != SAMPLE_RATE or array.shape != (WINDOW,):
             raise DataError(
                 f"crepe reads {WINDOW}-sample frames at {SAMPLE_RATE} Hz, got {array.shape[0]} "

@@ -32,16 +32,9 @@ log = logging.getLogger(__name__)
 
 def mono_at(audio: Any, target: int, resamplers: dict[int, Any]) -> np.ndarray:
     """A raw (waveform, rate) pair as a mono float32 array at `target` Hz."""
-    from mmkd.adapters.audio import make_resampler, sample_rate
+    from mmkd.adapters.audio import make_resampler, mono_float32
 
-    try:
-        samples, rate = audio
-    except (TypeError, ValueError):
-        raise DataError("audio must be a (waveform, sample_rate) pair") from None
-    rate = sample_rate(rate)
-    wave = np.asarray(samples, dtype=np.float32)
-    if wave.ndim == 2:
-        wave = wave.mean(axis=1)
+    wave, rate = mono_float32(audio)
     if wave.ndim != 1 or wave.size == 0:
         raise DataError(f"audio has shape {wave.shape}; expected (samples,) or (samples, channels)")
     if rate != target:
