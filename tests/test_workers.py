@@ -66,3 +66,27 @@ def test_chosen_workers_leave_torch_threads_alone(monkeypatch):
         assert slow.num_workers == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_batch_transfer_moves_tensors_and_leaves_id_lists_alone():
+    """The DataModule's own transfer hook: tensors (nested too) reach the device; lists of ids,
+    views and skip reasons are passed through untouched (not walked item by item)."""
+    import torch
+
+    from mmkd.data.module import DistillDataModule
+
+    data = DistillDataModule.__new__(DistillDataModule)  # the hook reads no state
+    ids, skipped = ["a", "b"], [("c", "unreadable")]
+    batch = {
+        "inputs": {"student": {"pixels": torch.zeros(2, 3)}},
+        "labels": torch.tensor([0, 1]),
+        "ids": ids,
+        "views": [0, 1],
+        "skipped": 1,
+        "skipped_ids": skipped,
+    }
+    moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["inputs"]["student"]["pixels"].device.type == "meta"
+    assert moved["labels"].device.type == "meta"
+    assert moved["ids"] is ids and moved["skipped_ids"] is skipped
+    assert moved["views"] == [0, 1] and moved["skipped"] == 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from importlib import metadata
@@ -267,12 +268,12 @@ class DecodedDataset(Dataset):
             shape = entry["image"]
             flat = self.array(start, "image")
             at = offsets["image"]
-            sample["image"] = flat[at : at + int(np.prod(shape))].reshape(shape)
+            sample["image"] = flat[at : at + math.prod(shape)].reshape(shape)
         if "audio" in entry:
             shape, rate = entry["audio"]
             flat = self.array(start, "audio")
             at = offsets["audio"]
-            sample["audio"] = (flat[at : at + int(np.prod(shape))].reshape(shape), rate)
+            sample["audio"] = (flat[at : at + math.prod(shape)].reshape(shape), rate)
         return sample
 
 
