@@ -14,9 +14,11 @@ Attentions need transformers' eager attention; the model switches to it when fir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,10 +73,23 @@ def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
     return AutoModel.from_config(config, trust_remote_code=remote)
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A digest of everything that decides how a tokenizer splits text into ids (its fast
     backend's normalizer, pre-tokenizer, vocabulary, special tokens), without the per-call
-    truncation and padding state; two tokenizers with the same digest give the same ids."""
+    truncation and padding state; two tokenizers with the same digest give the same ids.
+    Computed once per tokenizer object."""
+    with contextlib.suppress(KeyError, TypeError):
+        return _FINGERPRINTS[tokenizer]
+    digest = _fingerprint(tokenizer)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: computed again next time
+        _FINGERPRINTS[tokenizer] = digest
+    return digest
+
+
+def _fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
@@ -110,11 +125,14 @@ class TextPreprocessor(Preprocessor):
 
     modality = "text"
 
-    def __init__(
-        self, tokenizer: Any, max_length: int, source: str, augment: TextAugment | None = None
-    ) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, augment: TextAugment | None = None) -> None:
         augment = augment if augment is not None and augment.enabled else None
-        settings: dict[str, Any] = {"tokenizer": source, "max_length": max_length}
+        # the tokenizer by what it does, not where it was loaded from: a BiLSTM initialised
+        # from a teacher's folder and the teacher's export share stored views and caches
+        settings: dict[str, Any] = {
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_length": max_length,
+        }
         if augment is not None:  # absent when off: stores of unaugmented text keep their keys
             settings["augment"] = augment.settings()
         super().__init__(settings, randomized_in_training=augment is not None)
@@ -200,9 +218,7 @@ class TextAdapter(Adapter):
     def make_preprocessor(self) -> TextPreprocessor:
         cfg = self.spec.text
         augment = make_text_augment(cfg, self.tokenizer, f"{self.key}.text")
-        return TextPreprocessor(
-            self.tokenizer, cfg.max_length, str(cfg.tokenizer or cfg.model), augment
-        )
+        return TextPreprocessor(self.tokenizer, cfg.max_length, augment)
 
     def token_layout(self) -> dict[str, Any]:
         cfg = self.spec.text

@@ -97,8 +97,7 @@ class TextRnnAdapter(Adapter):
     def make_preprocessor(self) -> TextPreprocessor:
         cfg = self.spec.text_rnn
         augment = make_text_augment(cfg, self.tokenizer, f"{self.key}.text_rnn")
-        source = str(cfg.init_from or cfg.tokenizer)
-        return TextPreprocessor(self.tokenizer, cfg.max_length, source, augment)
+        return TextPreprocessor(self.tokenizer, cfg.max_length, augment)
 
     def encode(self, batch: Batch) -> Tensor:
         return self.encoder(batch["input_ids"], batch["attention_mask"])[1]

@@ -268,9 +268,8 @@ def tiny_tokenizer(folder) -> str:
     from transformers import BertTokenizerFast
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    # transformers 5 takes the vocabulary itself (it ignores a `vocab_file` argument)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
     return str(folder)
 
 
@@ -359,3 +358,23 @@ def test_mmkd_layers_lists_the_token_level_names_the_terms_take(capsys) -> None:
     assert "student (text): 9 layers" in out
     for name, shape in [("tokens.2", "(16, 32)"), ("attentions.1", "(2, 16, 16)")]:
         assert any(line.split() == [name, *shape.split()] for line in out.splitlines()), name
+
+
+def test_text_preprocessing_is_keyed_by_the_tokenizer_not_its_folder(tmp_path) -> None:
+    """The same tokenizer saved in two folders gives one preprocessing identity (the teacher
+    store's key; a BiLSTM initialised from a teacher's folder shares its stored views), and
+    another vocabulary gives another."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    from mmkd.adapters.text import TextPreprocessor
+
+    (tmp_path / "a").mkdir()
+    first = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path / "a"))
+    first.save_pretrained(tmp_path / "b")
+    second = AutoTokenizer.from_pretrained(tmp_path / "b")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "green"]
+    other = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    same = TextPreprocessor(first, 16).identity(), TextPreprocessor(second, 16).identity()
+    assert same[0] == same[1]
+    assert TextPreprocessor(other, 16).identity() != same[0]
+    assert TextPreprocessor(first, 12).identity() != same[0]
