@@ -30,7 +30,7 @@ from mmkd.config.schema import Config
 from mmkd.data import build_splits
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
-from mmkd.export import load_exported
+from mmkd.export import load_exported, run_exports
 from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
 from mmkd.models import teacher_keys
@@ -85,9 +85,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter], Tensor | None]:
     """The exported students of a run, plus its teacher when that can still be built."""
-    students = {"student": load_exported(run_dir / "student")}
-    for folder in sorted(run_dir.glob("student_*")):
-        students[folder.name.removeprefix("student_")] = load_exported(folder)
+    students = {role: load_exported(folder) for role, folder in run_exports(run_dir).items()}
     models: dict[str, Adapter] = {role: e.model for role, e in students.items()}
     for name, key in teacher_keys(cfg).items():
         try:

@@ -40,7 +40,7 @@ from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
-from mmkd.export import export_model
+from mmkd.export import export_folder, export_model
 from mmkd.io import check_free_space, write_json, write_text
 from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_csv_log
 from mmkd.models import build_models
@@ -210,10 +210,9 @@ def finish(
     class_names = datamodule.splits.class_names
     if cfg.run.export:
         for role, student in module.students.items():
-            folder = "student" if role == "student" else f"student_{role}"
             export_model(
                 student,
-                run_dir / folder,
+                export_folder(run_dir, role),
                 class_names=class_names,
                 class_embeddings=module.class_embeddings,
             )
