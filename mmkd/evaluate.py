@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mmkd.adapters import Adapter, build_adapter
+from mmkd.cli import add_overrides, command_parser
 from mmkd.config.compose import describe_config_error, register_resolvers
 from mmkd.config.schema import Config
 from mmkd.data import build_splits
@@ -103,10 +104,11 @@ def slug(overrides: Sequence[str]) -> str:
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd evaluate RUN_DIR [key=value ...]`: evaluate a finished run's exported models."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    run_dir, overrides = Path(argv[0]), argv[1:]
+    parser = command_parser("evaluate", __doc__)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (holding student/)")
+    add_overrides(parser)
+    args = parser.parse_args(argv)
+    run_dir, overrides = args.run_dir, args.overrides
     cfg = load_run_config(run_dir, overrides)
     if not (run_dir / "student").is_dir():
         raise CheckpointError(f"{run_dir}: no exported student (student/); did the run finish?")

@@ -22,7 +22,6 @@ functions that build a model.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mmkd import __version__
+from mmkd.cli import command_parser
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state, sha256_file
 
@@ -258,9 +258,7 @@ def load_exported(folder: str | Path) -> ExportedModel:
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH] [--model FOLDER]`."""
-    parser = argparse.ArgumentParser(
-        prog="mmkd export", description="Export a run's student to ONNX or TorchScript."
-    )
+    parser = command_parser("export", "Export a run's student to ONNX or TorchScript.")
     parser.add_argument("run_dir", help="a finished run folder (holding student/)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     parser.add_argument("--output", help="file to write (default: RUN_DIR/student/model.onnx)")

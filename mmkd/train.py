@@ -33,6 +33,7 @@ from mmkd.checkpoint import (
     previous_path,
     resume_checkpoint,
 )
+from mmkd.cli import command_parser
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
@@ -240,10 +241,8 @@ def finish(
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd train [overrides]`: compose the config, train, print the summary."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    train(compose(argv))
+    args = command_parser("train", __doc__, overrides=True).parse_args(argv)
+    train(compose(args.overrides))
     return 0
 
 
