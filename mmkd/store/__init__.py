@@ -47,63 +47,23 @@ resumable writer), coordination.py (processes and the file lock: open_or_build),
 (TeacherTargets, live or stored).
 """
 
-from mmkd.store.build import StoreBuilder, finalize, preallocate, teacher_collate
-from mmkd.store.coordination import (
-    Collective,
-    Missing,
-    acquire,
-    disk_full_is_one_line,
-    entry_problem,
-    open_or_build,
-)
-from mmkd.store.format import (
-    DTYPES,
-    FORMAT_VERSION,
-    INDEX,
-    check_unique,
-    chunk_starts,
-    crc,
-    decode,
-    encode,
-    full_logits,
-    id_hashes,
-    id_index,
-    per_row,
-)
-from mmkd.store.key import StoreSpec, data_content, library_versions, store_key, weights_digest
+from mmkd.store.build import StoreBuilder, finalize, teacher_collate
+from mmkd.store.coordination import Collective, open_or_build
+from mmkd.store.key import StoreSpec, data_content, store_key
 from mmkd.store.read import StoreDamaged, TeacherStore
 from mmkd.store.targets import TeacherTargets, teacher_outputs
 
-__all__ = [
-    "DTYPES",
-    "FORMAT_VERSION",
-    "INDEX",
+__all__ = [  # what the rest of mmkd, the tests and the benchmarks use; the rest is internal
     "Collective",
-    "Missing",
     "StoreBuilder",
     "StoreDamaged",
     "StoreSpec",
     "TeacherStore",
     "TeacherTargets",
-    "acquire",
-    "check_unique",
-    "chunk_starts",
-    "crc",
     "data_content",
-    "decode",
-    "disk_full_is_one_line",
-    "encode",
-    "entry_problem",
     "finalize",
-    "full_logits",
-    "id_hashes",
-    "id_index",
-    "library_versions",
     "open_or_build",
-    "per_row",
-    "preallocate",
     "store_key",
     "teacher_collate",
     "teacher_outputs",
-    "weights_digest",
 ]
