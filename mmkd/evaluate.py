@@ -31,7 +31,7 @@ from mmkd.config.schema import Config
 from mmkd.data import build_splits
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
-from mmkd.export import load_exported, run_exports
+from mmkd.export import STUDENT, export_folder, load_exported, run_exports
 from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
 from mmkd.models import teacher_keys
@@ -93,7 +93,7 @@ def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter],
             models[teacher_role(name)] = build_adapter(OmegaConf.select(cfg, key), key=key).eval()
         except (MMKDError, OSError) as err:
             log.warning("%s not evaluated (%s)", key, err)
-    return models, students["student"].class_embeddings
+    return models, students[STUDENT].class_embeddings
 
 
 def slug(overrides: Sequence[str]) -> str:
@@ -110,7 +110,7 @@ def command(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     run_dir, overrides = args.run_dir, args.overrides
     cfg = load_run_config(run_dir, overrides)
-    if not (run_dir / "student").is_dir():
+    if not export_folder(run_dir, STUDENT).is_dir():
         raise CheckpointError(f"{run_dir}: no exported student (student/); did the run finish?")
     splits = build_splits(cfg.data)
     models, class_embeddings = load_run_models(run_dir, cfg)

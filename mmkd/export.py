@@ -262,7 +262,7 @@ def command(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", help="a finished run folder (holding student/)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     parser.add_argument("--output", help="file to write (default: RUN_DIR/student/model.onnx)")
-    parser.add_argument("--model", default="student", help="which exported model folder of the run")
+    parser.add_argument("--model", default=STUDENT, help="which exported model folder of the run")
     args = parser.parse_args(argv)
     print(export_compiled(Path(args.run_dir) / args.model, args.format, args.output))
     return 0
