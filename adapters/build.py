@@ -5,43 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmkd.errors import CheckpointError, ConfigError
-from mmkd.io import load_state_file, verify_export
+from mmkd.export import verify_export, weights_file
+from mmkd.io import load_state_file
 
 from . import register_builtins
 from .base import ADAPTERS, Adapter
-
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_SPEC = "adapter.yaml"
-
-
-def weights_file(weights: str) -> Path:
-    """The weights file behind `weights`: an exported model folder or a file."""
-    path = Path(weights)
-    return path / EXPORT_WEIGHTS if path.is_dir() else path
-
-
-def load_export_spec(folder: str | Path) -> DictConfig:
-    """The adapter spec of an exported model folder, with its asset paths made absolute."""
-    from mmkd.config.compose import register_resolvers
-    from mmkd.config.schema import ADAPTER_SECTIONS, AdapterSpec
-
-    register_resolvers()  # the defaults of sections an export omits may use ${package_dir:...}
-    folder = Path(folder)
-    spec_file = folder / EXPORT_SPEC
-    if not spec_file.is_file():
-        raise CheckpointError(
-            f"{folder}: no {EXPORT_SPEC}; expected a run's exported model folder (RUN_DIR/student)"
-        )
-    try:
-        spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
-    except Exception as err:  # yaml or schema error: the file is damaged or from another version
-        raise CheckpointError(f"{spec_file}: cannot be read as an adapter spec ({err})") from None
-    for name, section in ADAPTER_SECTIONS.items():
-        section.from_export(spec[name], folder)
-    return spec
 
 
 def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:

@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from mmkd.errors import ConfigError
+from mmkd.export import WEIGHTS, is_export
 from mmkd.io import load_state_file
-
-from .build import EXPORT_SPEC, EXPORT_WEIGHTS
 
 TEXT_ASSETS = "text"  # folder of an export holding the tokenizer and model config
 ENCODER_PREFIX = "encoder."  # an adapter's state names its transformers model `encoder`
@@ -28,9 +27,9 @@ def resolve_source(source: str) -> tuple[str, dict[str, Tensor] | None]:
     """(folder or hub id holding the tokenizer and model config, the encoder's weights when
     `source` is an mmkd export; None: the weights are the folder's pretrained ones)."""
     folder = Path(source).expanduser()
-    if not (folder / EXPORT_SPEC).is_file():
+    if not is_export(folder):
         return source, None
-    state = load_state_file(folder / EXPORT_WEIGHTS)
+    state = load_state_file(folder / WEIGHTS)
     encoder = {
         name[len(ENCODER_PREFIX) :]: value
         for name, value in state.items()

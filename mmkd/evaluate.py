@@ -25,12 +25,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mmkd.adapters import Adapter, build_adapter
+from mmkd.cli import add_overrides, command_parser
 from mmkd.config.compose import describe_config_error, register_resolvers
 from mmkd.config.schema import Config
 from mmkd.data import build_splits
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
-from mmkd.export import load_exported
+from mmkd.export import STUDENT, export_folder, load_exported, run_exports
 from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
 from mmkd.models import teacher_keys
@@ -85,16 +86,14 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter], Tensor | None]:
     """The exported students of a run, plus its teacher when that can still be built."""
-    students = {"student": load_exported(run_dir / "student")}
-    for folder in sorted(run_dir.glob("student_*")):
-        students[folder.name.removeprefix("student_")] = load_exported(folder)
+    students = {role: load_exported(folder) for role, folder in run_exports(run_dir).items()}
     models: dict[str, Adapter] = {role: e.model for role, e in students.items()}
     for name, key in teacher_keys(cfg).items():
         try:
             models[teacher_role(name)] = build_adapter(OmegaConf.select(cfg, key), key=key).eval()
         except (MMKDError, OSError) as err:
             log.warning("%s not evaluated (%s)", key, err)
-    return models, students["student"].class_embeddings
+    return models, students[STUDENT].class_embeddings
 
 
 def slug(overrides: Sequence[str]) -> str:
@@ -105,12 +104,13 @@ def slug(overrides: Sequence[str]) -> str:
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd evaluate RUN_DIR [key=value ...]`: evaluate a finished run's exported models."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    run_dir, overrides = Path(argv[0]), argv[1:]
+    parser = command_parser("evaluate", __doc__)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (holding student/)")
+    add_overrides(parser)
+    args = parser.parse_args(argv)
+    run_dir, overrides = args.run_dir, args.overrides
     cfg = load_run_config(run_dir, overrides)
-    if not (run_dir / "student").is_dir():
+    if not export_folder(run_dir, STUDENT).is_dir():
         raise CheckpointError(f"{run_dir}: no exported student (student/); did the run finish?")
     splits = build_splits(cfg.data)
     models, class_embeddings = load_run_models(run_dir, cfg)

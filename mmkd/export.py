@@ -1,38 +1,65 @@
-"""Export a trained model to a self-contained folder, and load it back with no training code.
+"""The exported-model folder: the one module that writes it and reads it back (like timm's
+`_hub.py`), so its file names and checks live in one place.
 
     mmkd export RUN_DIR [--format onnx|torchscript]   writes RUN_DIR/student/model.onnx
 
-RUN_DIR/student/
+RUN_DIR/student/ (and RUN_DIR/student_NAME/ for each extra student)
     adapter.yaml              the adapter spec (architecture, preprocessing)
     model.safetensors         the weights (encoder + head)
-    meta.json                 modality, embedding size, class names
+    meta.json                 modality, embedding size, class names, sha256 of the files above
     class_embeddings.safetensors   zero-shot classifier (when trained into a text space)
     text/                     tokenizer and model config (text models only)
+    model.onnx | model.torchscript.pt   written by `mmkd export`
+
+Writing: `export_model` (the adapter contributes its spec and assets through
+`Adapter.export_spec`, each settings section its `exported` rule). Reading: `load_exported`
+(a callable model), `load_export_spec` (the spec alone, each section's `from_export` rule
+applied), `weights_file` and `verify_export` (what `weights: FOLDER` loads). Folders exported
+before meta.json held checksums load unchecked. This module sits below `mmkd.adapters`
+(adapters/build.py reads exports through it), so it imports the adapters only inside the
+functions that build a model.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mmkd import __version__
-from mmkd.adapters import Adapter, AdapterOutput, Preprocessor, build_adapter
-from mmkd.adapters.base import class_scores
-from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
+from mmkd.cli import command_parser
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state, sha256_file
 
+if TYPE_CHECKING:
+    from mmkd.adapters import Adapter, AdapterOutput, Preprocessor
+
+SPEC = "adapter.yaml"
+WEIGHTS = "model.safetensors"
 META = "meta.json"
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
+STUDENT = "student"  # a run's folder for the student; its extra students go to student_NAME
+
+
+def export_folder(run_dir: str | Path, role: str) -> Path:
+    """Where a run exports the student of data role `role` ("student" or an extra student)."""
+    return Path(run_dir) / (STUDENT if role == STUDENT else f"{STUDENT}_{role}")
+
+
+def run_exports(run_dir: str | Path) -> dict[str, Path]:
+    """role -> exported model folder of every student a run exported ("student" first)."""
+    run_dir = Path(run_dir)
+    folders = {STUDENT: run_dir / STUDENT}
+    for folder in sorted(run_dir.glob(f"{STUDENT}_*")):
+        folders[folder.name.removeprefix(f"{STUDENT}_")] = folder
+    return folders
 
 
 def export_model(
@@ -46,8 +73,8 @@ def export_model(
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         spec = model.export_spec(tmp)
-        (tmp / EXPORT_SPEC).write_text(OmegaConf.to_yaml(spec))
-        save_state(tmp / EXPORT_WEIGHTS, model.state_dict())
+        (tmp / SPEC).write_text(OmegaConf.to_yaml(spec))
+        save_state(tmp / WEIGHTS, model.state_dict())
         meta = {
             "mmkd_version": __version__,
             "adapter": spec.adapter,
@@ -62,11 +89,70 @@ def export_model(
         # checked by every load (load_exported, teacher.weights=RUN/student)
         meta["sha256"] = {
             name: sha256_file(tmp / name)
-            for name in (EXPORT_SPEC, EXPORT_WEIGHTS, CLASS_EMBEDDINGS)
+            for name in (SPEC, WEIGHTS, CLASS_EMBEDDINGS)
             if (tmp / name).is_file()
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def weights_file(weights: str | Path) -> Path:
+    """The weights file behind `weights`: an exported model folder or a file."""
+    path = Path(weights)
+    return path / WEIGHTS if path.is_dir() else path
+
+
+def verify_export(folder: str | Path) -> None:
+    """CheckpointError when a file of an exported model folder does not match the sha256 its
+    meta.json records (exports written before checksums record none and pass)."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / META).read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no meta.json: loading the files reports what is missing
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CheckpointError(
+                f"{path}: damaged or missing (its sha256 does not match the one in "
+                f"{folder / META}); export the model again"
+            )
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether `folder` is an exported model folder (holds its adapter spec)."""
+    return (Path(folder) / SPEC).is_file()
+
+
+def load_export_spec(folder: str | Path) -> DictConfig:
+    """The adapter spec of an exported model folder, with its asset paths made absolute."""
+    from mmkd.config.compose import register_resolvers
+    from mmkd.config.schema import ADAPTER_SECTIONS, AdapterSpec
+
+    register_resolvers()  # the defaults of sections an export omits may use ${package_dir:...}
+    folder = Path(folder)
+    spec_file = folder / SPEC
+    if not spec_file.is_file():
+        raise CheckpointError(
+            f"{folder}: no {SPEC}; expected a run's exported model folder (RUN_DIR/student)"
+        )
+    try:
+        spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
+    except Exception as err:  # yaml or schema error: the file is damaged or from another version
+        raise CheckpointError(f"{spec_file}: cannot be read as an adapter spec ({err})") from None
+    for name, section in ADAPTER_SECTIONS.items():
+        section.from_export(spec[name], folder)
+    return spec
+
+
+def load_class_embeddings(folder: Path) -> Tensor | None:
+    """The zero-shot class embeddings of an export, or None when it has none."""
+    if not (folder / CLASS_EMBEDDINGS).is_file():
+        return None
+    state = load_state_file(folder / CLASS_EMBEDDINGS)
+    if "class_embeddings" not in state:
+        raise CheckpointError(f"{folder / CLASS_EMBEDDINGS}: no 'class_embeddings' tensor")
+    return state["class_embeddings"]
 
 
 class TensorInterface(torch.nn.Module):
@@ -147,6 +233,8 @@ class ExportedModel:
 
     def classify(self, raw_samples: list[Any]) -> list[str]:
         """Class names: by the classifier head, or zero-shot by the nearest class prompt."""
+        from mmkd.adapters.base import class_scores
+
         scores = class_scores(self(raw_samples), self.class_embeddings)
         if scores is None or not self.class_names:
             raise ValueError("this model has neither a classifier nor zero-shot class prompts")
@@ -155,6 +243,8 @@ class ExportedModel:
 
 def load_exported(folder: str | Path) -> ExportedModel:
     """Load RUN_DIR/student (or any export folder) in eval mode, on the CPU."""
+    from mmkd.adapters import build_adapter
+
     folder = Path(folder)
     spec = load_export_spec(folder)
     spec.weights = str(folder)
@@ -162,24 +252,17 @@ def load_exported(folder: str | Path) -> ExportedModel:
     model = build_adapter(spec, key=str(folder)).eval()
     meta_file = folder / META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    embeddings = None
-    if (folder / CLASS_EMBEDDINGS).is_file():
-        state = load_state_file(folder / CLASS_EMBEDDINGS)
-        if "class_embeddings" not in state:
-            raise CheckpointError(f"{folder / CLASS_EMBEDDINGS}: no 'class_embeddings' tensor")
-        embeddings = state["class_embeddings"]
+    embeddings = load_class_embeddings(folder)
     return ExportedModel(model, model.make_preprocessor(), meta.get("class_names", []), embeddings)
 
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd export RUN_DIR [--format onnx|torchscript] [--output PATH] [--model FOLDER]`."""
-    parser = argparse.ArgumentParser(
-        prog="mmkd export", description="Export a run's student to ONNX or TorchScript."
-    )
+    parser = command_parser("export", "Export a run's student to ONNX or TorchScript.")
     parser.add_argument("run_dir", help="a finished run folder (holding student/)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     parser.add_argument("--output", help="file to write (default: RUN_DIR/student/model.onnx)")
-    parser.add_argument("--model", default="student", help="which exported model folder of the run")
+    parser.add_argument("--model", default=STUDENT, help="which exported model folder of the run")
     args = parser.parse_args(argv)
     print(export_compiled(Path(args.run_dir) / args.model, args.format, args.output))
     return 0

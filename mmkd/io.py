@@ -138,23 +138,6 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_export(folder: str | Path) -> None:
-    """CheckpointError when a file of an exported model folder does not match the sha256 its
-    meta.json records (exports written before checksums record none and pass)."""
-    folder = Path(folder)
-    try:
-        sums = json.loads((folder / "meta.json").read_text()).get("sha256", {})
-    except (OSError, ValueError, AttributeError):
-        return  # no meta.json: loading the files reports what is missing
-    for name, expected in sums.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != expected:
-            raise CheckpointError(
-                f"{path}: damaged or missing (its sha256 does not match the one in "
-                f"{folder / 'meta.json'}); export the model again"
-            )
-
-
 def check_free_space(path: str | Path, needed: int, what: str) -> None:
     """DiskSpaceError, in one line naming `path` and the bytes needed, when the disk `path` is
     on (its folder, if it does not exist yet) has fewer than `needed` bytes free."""

@@ -14,11 +14,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
-from mmkd.adapters.build import EXPORT_SPEC, load_export_spec
 from mmkd.config.compose import command_line_keys
 from mmkd.config.validate import adapter_specs
 from mmkd.data.base import DatasetSplits
 from mmkd.errors import CheckpointError, ConfigError
+from mmkd.export import SPEC, load_export_spec
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def adopt_exported_specs(cfg: DictConfig) -> None:
             continue
         saved.weights = spec.weights
         saved.freeze_encoder = spec.freeze_encoder
-        log.info("%s: architecture taken from %s", key, Path(spec.weights) / EXPORT_SPEC)
+        log.info("%s: architecture taken from %s", key, Path(spec.weights) / SPEC)
         apply_command_line(cfg, key, spec, saved)
         # what the spec holds beyond the model (a teacher's `losses`) stays as configured
         kept = {name: spec[name] for name in spec if name not in saved}

@@ -25,7 +25,6 @@ kept (checked by byte size), the rest are written again. `--restart` discards th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -42,6 +41,7 @@ import soundfile as sf
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from mmkd.cli import command_parser
 from mmkd.data.base import MODALITIES, Skipped
 from mmkd.data.decode import read_audio, read_image
 from mmkd.data.folder import scan_class_folders
@@ -389,11 +389,11 @@ def write_index(out_dir: Path, shards: dict[str, int], class_names: Sequence[str
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd pack` on the command line."""
-    parser = argparse.ArgumentParser(
-        prog="mmkd pack",
-        description="Convert a manifest (JSONL/CSV) or a class-folder dataset into WebDataset "
-        "shards (use them with data.name=webdataset data.webdataset.train=OUT_DIR). Rerun the "
-        "same command after an interruption to finish the pack.",
+    parser = command_parser(
+        "pack",
+        "Convert a manifest (JSONL/CSV) or a class-folder dataset into WebDataset shards\n"
+        "(use them with data.name=webdataset data.webdataset.train=OUT_DIR). Rerun the same\n"
+        "command after an interruption to finish the pack.",
     )
     parser.add_argument("source", type=Path, help="a .jsonl / .csv manifest, or ROOT/<class>/")
     parser.add_argument("out_dir", type=Path, help="folder for the shards and shards.json")

@@ -8,7 +8,6 @@ it, so it is kept until `gc` removes it. A partial whose builder still holds its
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from mmkd.cli import command_parser
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.store import TeacherStore
 
@@ -85,9 +85,7 @@ def scan(root: Path, verify: bool) -> list[Entry]:
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd store list ROOT [--verify]` | `mmkd store gc ROOT [--dry-run]`."""
-    parser = argparse.ArgumentParser(
-        prog="mmkd store", description="List teacher store entries, or remove partial builds."
-    )
+    parser = command_parser("store", "List teacher store entries, or remove partial builds.")
     parser.add_argument("action", choices=("list", "gc"))
     parser.add_argument("root", help="the store folder (distill.cache_dir)")
     parser.add_argument("--verify", action="store_true", help="list: check every checksum")

@@ -33,6 +33,7 @@ from mmkd.checkpoint import (
     previous_path,
     resume_checkpoint,
 )
+from mmkd.cli import command_parser
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
@@ -40,7 +41,7 @@ from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
-from mmkd.export import export_model
+from mmkd.export import export_folder, export_model
 from mmkd.io import check_free_space, write_json, write_text
 from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_csv_log
 from mmkd.models import build_models
@@ -210,10 +211,9 @@ def finish(
     class_names = datamodule.splits.class_names
     if cfg.run.export:
         for role, student in module.students.items():
-            folder = "student" if role == "student" else f"student_{role}"
             export_model(
                 student,
-                run_dir / folder,
+                export_folder(run_dir, role),
                 class_names=class_names,
                 class_embeddings=module.class_embeddings,
             )
@@ -241,10 +241,8 @@ def finish(
 
 def command(argv: Sequence[str]) -> int:
     """`mmkd train [overrides]`: compose the config, train, print the summary."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    train(compose(argv))
+    args = command_parser("train", __doc__, overrides=True).parse_args(argv)
+    train(compose(args.overrides))
     return 0
 
 

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from tiny import tiny_spec
 
 from mmkd.adapters import ADAPTERS, build_adapter
-from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
 from mmkd.config import compose, validate
 from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import ConfigError
+from mmkd.export import SPEC, WEIGHTS, load_export_spec
 from mmkd.io import save_state
 
 
@@ -179,7 +179,7 @@ def test_export_clears_only_the_adapter_switches_and_omits_other_sections(
     for key, value in cleared.items():
         assert OmegaConf.select(exported, key) == value
     # the saved spec loads; the omitted sections come back with their defaults
-    OmegaConf.save(exported, tmp_path / EXPORT_SPEC)
+    OmegaConf.save(exported, tmp_path / SPEC)
     loaded = load_export_spec(tmp_path)
     assert loaded.adapter == name and loaded.head.embed_dim == 16
     for other in set(ADAPTER_SECTIONS) - sections:
@@ -197,8 +197,8 @@ def test_an_old_full_exported_spec_still_loads_builds_and_validates(tmp_path: Pa
     old.timm.pretrained, old.timm.pretrained_file = False, None
     old.text.pretrained, old.wav2vec2.weights_file = False, None
     assert set(ADAPTER_SECTIONS) <= set(old)
-    OmegaConf.save(old, tmp_path / EXPORT_SPEC)
-    save_state(tmp_path / EXPORT_WEIGHTS, adapter.state_dict())
+    OmegaConf.save(old, tmp_path / SPEC)
+    save_state(tmp_path / WEIGHTS, adapter.state_dict())
     loaded = load_export_spec(tmp_path)
     assert list(loaded.cnn.channels) == [8, 16] and loaded.text.pretrained is False
     loaded.weights = str(tmp_path)

@@ -16,9 +16,9 @@ from PIL import Image
 from tiny import TINY_SPECS, tiny_spec
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
-from mmkd.adapters.build import EXPORT_SPEC, EXPORT_WEIGHTS, load_export_spec
 from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import CheckpointError, ConfigError, DataError
+from mmkd.export import SPEC, WEIGHTS, load_export_spec
 from mmkd.io import save_state
 from mmkd.registry import Registry, UnknownNameError
 
@@ -232,8 +232,8 @@ def test_export_spec_switches_pretrained_sources_off(name: str, tmp_path: Path) 
 def test_export_folder_rebuilds_the_same_model(name: str, tmp_path: Path, files: dict) -> None:
     adapter = build(name)
     spec = adapter.export_spec(tmp_path)
-    OmegaConf.save(spec, tmp_path / EXPORT_SPEC)
-    save_state(tmp_path / EXPORT_WEIGHTS, adapter.state_dict())
+    OmegaConf.save(spec, tmp_path / SPEC)
+    save_state(tmp_path / WEIGHTS, adapter.state_dict())
     loaded_spec = load_export_spec(tmp_path)
     loaded_spec.weights = str(tmp_path)
     torch.manual_seed(1)

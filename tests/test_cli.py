@@ -42,6 +42,40 @@ def test_every_subcommand_reports_errors_in_one_line(tmp_path, capsys):
         assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err)
 
 
+def test_every_subcommand_answers_help_and_refuses_bad_usage_with_one_parser(tmp_path, capsys):
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: mmkd {name} [-h]"), out[:80]
+    overrides = {"train", "evaluate", "layers"}  # the commands taking key=value overrides
+    assert {n for n in COMMANDS if "key=value" in COMMANDS[n].usage} == overrides
+    for argv in (["evaluate"], ["store", "tidy", str(tmp_path)], ["train", "--epochs", "3"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"usage: mmkd {argv[0]}" in err and f"mmkd {argv[0]}: error: " in err, err
+
+
+def test_import_mmkd_is_light_and_every_public_name_resolves():
+    code = (
+        "import sys, mmkd; "
+        "heavy = [m for m in ('torch', 'numpy', 'omegaconf') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "print(sorted(n for n in mmkd.__all__ if getattr(mmkd, n, None) is None))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    import mmkd
+    from mmkd.export import load_exported
+
+    assert set(mmkd.__all__) == {"__version__", *mmkd._EXPORTS}  # the list says what resolves
+    assert mmkd.load_exported is load_exported and "compose" in dir(mmkd)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = mmkd.nope
+
+
 def test_train_py_is_a_shim_for_mmkd_train():
     result = subprocess.run(
         [sys.executable, "train.py", "student.adpter=image"],

@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from tiny import small_run, tiny_overrides, tiny_spec
 
-from mmkd import store as store_module
 from mmkd.adapters import build_adapter
 from mmkd.config.schema import DemoCfg
 from mmkd.data.demo import DemoDataset
@@ -21,6 +20,7 @@ from mmkd.export import load_exported
 from mmkd.io import save_state
 from mmkd.replay import ViewPolicy
 from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, open_or_build, teacher_collate
+from mmkd.store import key as store_key_module
 from mmkd.train import main
 
 DATA = {"data": "demo", "size": 24}
@@ -152,8 +152,10 @@ def test_the_key_changes_with_each_ingredient(dataset, monkeypatch, change):
     elif change == "augmentation":
         model = teacher(**{**AUGMENT, "image__hflip": 0.0})
     elif change == "libraries":
-        versions = store_module.library_versions()
-        monkeypatch.setattr(store_module, "library_versions", lambda: {**versions, "timm": "0.0.1"})
+        versions = store_key_module.library_versions()
+        monkeypatch.setattr(
+            store_key_module, "library_versions", lambda: {**versions, "timm": "0.0.1"}
+        )
     elif change == "data":
         data = {**DATA, "size": 25}
     elif change == "views":

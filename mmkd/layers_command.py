@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.adapters import build_adapter
+from mmkd.cli import command_parser
 from mmkd.config import compose, validate
 from mmkd.config.validate import adapter_specs
 from mmkd.models import adopt_exported_specs
@@ -40,10 +41,8 @@ def describe_layers(cfg: DictConfig) -> list[str]:
 
 
 def command(argv: Sequence[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    cfg = compose(argv)
+    args = command_parser("layers", __doc__, overrides=True).parse_args(argv)
+    cfg = compose(args.overrides)
     validate(cfg)
     print("\n".join(describe_layers(cfg)))
     return 0
