@@ -12,12 +12,19 @@ from mmkd.data import (  # noqa: F401  (registration)
     mnist,
     webdataset,
 )
-from mmkd.data.base import DATASETS, DatasetSplits
+from mmkd.data.base import (
+    DATASETS,
+    DatasetEntry,
+    DatasetSplits,
+    dataset_entry,
+    dataset_sections,
+    register_dataset,
+)
 
 
 def build_splits(cfg: DictConfig) -> DatasetSplits:
     """The splits of the dataset `cfg.name` (`cfg` is the `data` config node)."""
-    splits = DATASETS.get(cfg.name, key="data.name")(cfg)
+    splits = dataset_entry(cfg.name).build(cfg)
     if cfg.get("frames") is not None and cfg.frames.window is not None:
         from mmkd.data.frames import frame_splits
 
@@ -25,4 +32,12 @@ def build_splits(cfg: DictConfig) -> DatasetSplits:
     return splits
 
 
-__all__ = ["DATASETS", "DatasetSplits", "build_splits"]
+__all__ = [
+    "DATASETS",
+    "DatasetEntry",
+    "DatasetSplits",
+    "build_splits",
+    "dataset_entry",
+    "dataset_sections",
+    "register_dataset",
+]

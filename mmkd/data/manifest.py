@@ -30,24 +30,25 @@ import csv
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.data.base import (
-    DATASETS,
     HOLDOUT_SEED,
     MODALITIES,
     DatasetSplits,
     RawSample,
     SafeDataset,
     holdout_split,
+    register_dataset,
 )
 from mmkd.data.decode import read_audio, read_image
 from mmkd.data.transfer import TransferMix, drop_labels
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
 Record = dict[str, Any] | str  # a parsed row, or why the line could not be parsed
@@ -355,7 +356,30 @@ def _manifest_path(value: str) -> Path:
     return Path(value).expanduser().absolute()
 
 
-@DATASETS.register("manifest")
+@dataclass
+class ManifestCfg(Settings):
+    """JSONL, CSV or TSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
+
+    paths: ClassVar = ("train", "val", "test", "transfer")
+
+    train: str | None = None
+    val: str | None = None  # None: held out from train by data.val_fraction
+    test: str | None = None  # None: the validation split is also the test split
+    class_names: list[str] | None = None  # None: sorted distinct labels of the train manifest
+    # role (text | image | audio | label | id) -> column name, or 0-based index; unlisted roles
+    # read the column of their own name. E.g. {text: 0, label: 1} with header=false
+    columns: dict[str, Any] = field(default_factory=dict)
+    delimiter: str | None = None  # None: "," for .csv, tab for .tsv (TSV cells are not quoted)
+    header: bool = True  # false: CSV/TSV files have no header row (columns are then indices)
+    # true: rows with an empty / missing label load unlabelled (label None) among labelled rows;
+    # false: such a row is an error naming it (skipped and counted under data.on_error=skip)
+    unlabelled: bool = False
+    # a transfer set: a manifest whose rows join the training split (after the val holdout) with
+    # their labels dropped unread; KD terms use them, label terms (ce) skip them
+    transfer: str | None = None
+
+
+@register_dataset("manifest", ManifestCfg)
 def build_manifest(cfg: DictConfig) -> DatasetSplits:
     """Splits from the JSONL / CSV / TSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest

@@ -12,21 +12,23 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from mmkd.data.base import (
-    DATASETS,
     HOLDOUT_SEED,
     DatasetSplits,
     RawSample,
     class_prompts,
     holdout_split,
+    register_dataset,
 )
 from mmkd.data.decode import data_folder
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FILE_PREFIX = {"train": "train", "test": "t10k"}
@@ -161,7 +163,18 @@ def mnist_pools(cfg: DictConfig) -> MnistPools:
     return MnistPools(whole_train, test, train, val)
 
 
-@DATASETS.register("mnist")
+@dataclass
+class MnistCfg(Settings):
+    """MNIST IDX files (*-images-idx3-ubyte[.gz], *-labels-idx1-ubyte[.gz])."""
+
+    paths: ClassVar = ("root",)
+    choices: ClassVar = {"split": ("train", "test")}
+
+    root: str | None = None
+    split: str = "test"  # evaluation split: train | test
+
+
+@register_dataset("mnist", MnistCfg)
 def build_mnist(cfg: DictConfig) -> DatasetSplits:
     """MNIST train minus a fixed holdout, that holdout, and the `data.mnist.split` test set."""
     if cfg.mnist.split not in FILE_PREFIX:

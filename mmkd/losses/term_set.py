@@ -27,7 +27,9 @@ def active_terms(cfg: DictConfig, scope: str = "all") -> list[type[LossTerm]]:
     return [
         cls
         for cls in term_classes()
-        if cfg[cls.name].weight > 0 and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
+        if cls.name in cfg
+        and cfg[cls.name].weight > 0
+        and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
     ]
 
 
