@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 
-from mmkd.data.base import SPLIT_CODES, DatasetSplits, RawSample, SafeDataset, register_dataset
+from mmkd.data.base import (
+    SPLIT_CODES,
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    register_dataset,
+)
 from mmkd.data.fsdd import Clip, FsddDataset, fsdd_clips
 from mmkd.data.mnist import DIGIT_NAMES, MnistDataset, digit_prompts, mnist_pools
 from mmkd.errors import ConfigError, DataError
@@ -101,7 +107,7 @@ class AvDigitsCfg(Settings):
 
 
 @register_dataset("av_digits", AvDigitsCfg, reads=("fsdd", "mnist"))
-def build_av_digits(cfg: DictConfig) -> DatasetSplits:
+def build_av_digits(cfg: DataSettings) -> DatasetSplits:
     """Train / val / test pairs of FSDD clips and MNIST images (see the module docstring)."""
     per_clip = cfg.av_digits.images_per_clip
     if per_clip < 1:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from mmkd.errors import ConfigError, DataError
@@ -55,7 +54,11 @@ class DatasetSplits:
         return len(self.class_names)
 
 
-DatasetBuilder = Callable[[DictConfig], DatasetSplits]  # the `data` config node -> splits
+# the run's typed `data` settings: an instance of mmkd.config.schema.DataCfg (the common fields)
+# holding the dataset's section(s) as instances of their `Config` (a DictConfig of that schema
+# reads the same, attribute by attribute)
+DataSettings = Any
+DatasetBuilder = Callable[[DataSettings], DatasetSplits]
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mmkd.data.base import SPLIT_CODES, DatasetSplits, RawSample, register_dataset
+from mmkd.data.base import SPLIT_CODES, DatasetSplits, DataSettings, RawSample, register_dataset
 from mmkd.settings import Settings
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
@@ -45,7 +44,7 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 class DemoDataset(Dataset):
     """One split of the generated data: `size` samples, deterministic in (seed, split, index)."""
 
-    def __init__(self, cfg: DictConfig, split: str, size: int, seed: int) -> None:
+    def __init__(self, cfg: DemoCfg, split: str, size: int, seed: int) -> None:
         self.cfg = cfg
         self.split = split
         self.size = size
@@ -110,7 +109,7 @@ class DemoCfg(Settings):
 
 
 @register_dataset("demo", DemoCfg)
-def build_demo(cfg: DictConfig) -> DatasetSplits:
+def build_demo(cfg: DataSettings) -> DatasetSplits:
     """Train / val / test splits of the generated demo data (sizes from data.demo)."""
     demo = cfg.demo
     return DatasetSplits(

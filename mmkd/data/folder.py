@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig
 
-from mmkd.data.base import DatasetSplits, RawSample, SafeDataset, holdout_split, register_dataset
+from mmkd.data.base import (
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    holdout_split,
+    register_dataset,
+)
 from mmkd.data.decode import read_audio, read_image
 from mmkd.errors import ConfigError
 from mmkd.settings import Settings
@@ -166,17 +173,17 @@ class FolderCfg(Settings):
 
 
 @register_dataset("folder", FolderCfg)
-def build_folder(cfg: DictConfig) -> DatasetSplits:
+def build_folder(cfg: DataSettings) -> DatasetSplits:
     f = cfg.folder
     if f.train is None:
         raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")
     train = index_folder(Path(f.train).expanduser(), "data.folder.train", None, None, cfg.on_error)
     names = train.class_names
     # read as frames, labels are dropped: val / test folders may hold any class folders
-    frames = cfg.get("frames") is not None and cfg.frames.window is not None
+    frames = getattr(cfg, "frames", None) is not None and cfg.frames.window is not None
 
     def optional(key: str) -> FolderDataset | None:
-        value = f[key]
+        value = getattr(f, key)
         if value is None:
             return None
         return index_folder(

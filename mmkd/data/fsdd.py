@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from omegaconf import DictConfig
-
 from mmkd.data.base import (
     HOLDOUT_SEED,
     DatasetSplits,
+    DataSettings,
     RawSample,
     SafeDataset,
     holdout_split,
@@ -125,7 +124,7 @@ class FsddSplits:
     test: list[Clip]
 
 
-def fsdd_clips(cfg: DictConfig) -> FsddSplits:
+def fsdd_clips(cfg: DataSettings) -> FsddSplits:
     """Scan the FSDD folder of the `data` config `cfg` and split it (fixed holdout by file)."""
     clips = scan_clips(data_folder(cfg, "fsdd", "fsdd/recordings"), list(cfg.fsdd.speakers))
     test = select_split(clips, cfg.fsdd.split)
@@ -150,7 +149,7 @@ class FsddCfg(Settings):
 
 
 @register_dataset("fsdd", FsddCfg)
-def build_fsdd(cfg: DictConfig) -> DatasetSplits:
+def build_fsdd(cfg: DataSettings) -> DatasetSplits:
     """FSDD clips: official train minus a fixed holdout, that holdout, `data.fsdd.split`."""
     clips, prompts = fsdd_clips(cfg), digit_prompts(cfg)
     train, val, test = (

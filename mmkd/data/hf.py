@@ -20,10 +20,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image
 
-from mmkd.data.base import MODALITIES, DatasetSplits, RawSample, SafeDataset, register_dataset
+from mmkd.data.base import (
+    MODALITIES,
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    register_dataset,
+)
 from mmkd.data.base import holdout_split as holdout
 from mmkd.data.decode import decode_audio, decode_image, read_audio, read_image
 from mmkd.data.manifest import _natural
@@ -44,7 +50,7 @@ def _datasets() -> Any:
     return datasets
 
 
-def load_splits(cfg: DictConfig) -> dict[str, Any]:
+def load_splits(cfg: DataSettings) -> dict[str, Any]:
     """split name -> datasets.Dataset for data.hf.path."""
     h = cfg.hf
     datasets = _datasets()
@@ -82,7 +88,7 @@ def load_splits(cfg: DictConfig) -> dict[str, Any]:
     return dict(loaded)
 
 
-def modality_columns(cfg: DictConfig, table: Any) -> dict[str, str]:
+def modality_columns(cfg: DataSettings, table: Any) -> dict[str, str]:
     """modality -> column of the train split."""
     unknown = sorted(set(cfg.hf.columns) - set(MODALITIES))
     if unknown:
@@ -152,7 +158,7 @@ class HfDataset(SafeDataset):
         table: Any,
         split: str,
         columns: dict[str, str],
-        cfg: DictConfig,
+        cfg: DataSettings,
         class_names: list[str],
     ) -> None:
         super().__init__(cfg.on_error)
@@ -234,7 +240,7 @@ class HfCfg(Settings):
 
 
 @register_dataset("hf", HfCfg)
-def build_hf(cfg: DictConfig) -> DatasetSplits:
+def build_hf(cfg: DataSettings) -> DatasetSplits:
     h = cfg.hf
     splits = load_splits(cfg)
     if h.train_split not in splits:

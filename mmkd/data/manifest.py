@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmkd.data.base import (
     HOLDOUT_SEED,
     MODALITIES,
     DatasetSplits,
+    DataSettings,
     RawSample,
     SafeDataset,
     holdout_split,
@@ -84,8 +85,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, m: DictConfig) -> Layout:
-        columns = OmegaConf.to_container(m.columns) if m.get("columns") else {}
-        assert isinstance(columns, dict)
+        columns = dict(m.columns or {})
         for role, column in columns.items():
             if role not in ROLES:
                 raise ConfigError(
@@ -380,7 +380,7 @@ class ManifestCfg(Settings):
 
 
 @register_dataset("manifest", ManifestCfg)
-def build_manifest(cfg: DictConfig) -> DatasetSplits:
+def build_manifest(cfg: DataSettings) -> DatasetSplits:
     """Splits from the JSONL / CSV / TSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest
     if m.train is None:
@@ -407,7 +407,7 @@ def build_manifest(cfg: DictConfig) -> DatasetSplits:
         return ManifestDataset(path, records, modalities, classes, cfg.on_error, m.unlabelled)
 
     def optional(key: str) -> ManifestDataset | None:
-        value = m[key]
+        value = getattr(m, key)
         if value is None:
             return None
         path = _manifest_path(value)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from mmkd.data.base import (
     HOLDOUT_SEED,
     DatasetSplits,
+    DataSettings,
     RawSample,
     class_prompts,
     holdout_split,
@@ -36,7 +36,7 @@ FILE_PREFIX = {"train": "train", "test": "t10k"}
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def digit_prompts(cfg: DictConfig) -> list[str]:
+def digit_prompts(cfg: DataSettings) -> list[str]:
     """`data.prompt_template` filled with each digit's name, index = digit."""
     try:
         return class_prompts(DIGIT_NAMES, cfg.prompt_template)
@@ -153,7 +153,7 @@ class MnistPools:
     val: Subset  # the val holdout
 
 
-def mnist_pools(cfg: DictConfig) -> MnistPools:
+def mnist_pools(cfg: DataSettings) -> MnistPools:
     """Load MNIST for the `data` config `cfg` and split the train file (fixed holdout)."""
     folder = data_folder(cfg, "mnist", "mnist")
     prompts = digit_prompts(cfg)
@@ -175,7 +175,7 @@ class MnistCfg(Settings):
 
 
 @register_dataset("mnist", MnistCfg)
-def build_mnist(cfg: DictConfig) -> DatasetSplits:
+def build_mnist(cfg: DataSettings) -> DatasetSplits:
     """MNIST train minus a fixed holdout, that holdout, and the `data.mnist.split` test set."""
     if cfg.mnist.split not in FILE_PREFIX:
         raise ConfigError(f"data.mnist.split: must be train or test, got {cfg.mnist.split!r}")

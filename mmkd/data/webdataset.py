@@ -52,10 +52,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import webdataset as wds
-from omegaconf import DictConfig, ListConfig
+from omegaconf import ListConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmkd.data.base import DatasetSplits, RawSample, Skipped, register_dataset
+from mmkd.data.base import DatasetSplits, DataSettings, RawSample, Skipped, register_dataset
 from mmkd.data.decode import decode_audio, decode_image
 from mmkd.errors import ConfigError, DataError
 from mmkd.settings import Settings
@@ -482,7 +482,7 @@ def first_sample(urls: Sequence[str]) -> dict[str, Any]:
     raise ConfigError(f"data.webdataset.train: the shards ({urls[0]}, ...) hold no samples")
 
 
-def class_names_of(cfg: DictConfig, urls: Sequence[str]) -> list[str] | None:
+def class_names_of(cfg: DataSettings, urls: Sequence[str]) -> list[str] | None:
     """data.webdataset.class_names, else those recorded in the first train shard's shards.json."""
     if cfg.webdataset.class_names is not None:
         names = [str(name) for name in cfg.webdataset.class_names]
@@ -518,12 +518,12 @@ class WebDatasetCfg(Settings):
 
 
 @register_dataset("webdataset", WebDatasetCfg)
-def build_webdataset(cfg: DictConfig) -> DatasetSplits:
+def build_webdataset(cfg: DataSettings) -> DatasetSplits:
     w = cfg.webdataset
     if w.train is None:
         raise ConfigError("data.webdataset.train: required when data.name=webdataset")
     for key in ("max_train_samples", "max_eval_samples"):
-        if cfg[key] is not None:
+        if getattr(cfg, key) is not None:
             raise ConfigError(
                 f"data.{key}: not supported with data.name=webdataset (streams are read whole); "
                 "name fewer shards instead"
