@@ -14,16 +14,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mmkd.errors import ConfigError
+from mmkd.settings import Settings, check_choice, check_non_negative, check_positive
+
+__all__ = ["Section", "check_choice", "check_non_negative", "check_positive"]
 
 
-class Section:
-    """Base of a section dataclass (`student.<name>`). Subclasses override the hooks they need."""
-
-    @classmethod
-    def check(cls, cfg: DictConfig, key: str) -> None:
-        """Raise ConfigError naming `key.field` for a value the type alone does not rule out.
-        Run at start-up for the sections the chosen adapter reads."""
+class Section(Settings):
+    """Base of an adapter's section dataclass (`student.<name>`): the checks of `Settings`
+    (run at start-up for the sections the chosen adapter reads) plus the export hooks.
+    Subclasses override the hooks they need."""
 
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
@@ -63,25 +62,3 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
         out = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(out, dict)
     return out
-
-
-def check_positive(cfg: DictConfig, key: str, *names: str) -> None:
-    """ConfigError unless each of `names` is None or > 0."""
-    for name in names:
-        value = cfg[name]
-        if value is not None and not value > 0:
-            raise ConfigError(f"{key}.{name}: must be > 0, got {value}")
-
-
-def check_non_negative(cfg: DictConfig, key: str, *names: str) -> None:
-    """ConfigError unless each of `names` is None or >= 0."""
-    for name in names:
-        value = cfg[name]
-        if value is not None and not value >= 0:
-            raise ConfigError(f"{key}.{name}: must be >= 0, got {value}")
-
-
-def check_choice(cfg: DictConfig, key: str, name: str, allowed: tuple[str, ...]) -> None:
-    """ConfigError unless `name` is one of `allowed`."""
-    if cfg[name] not in allowed:
-        raise ConfigError(f"{key}.{name}: {cfg[name]!r} is not one of {', '.join(allowed)}")

@@ -26,8 +26,7 @@ from torch.utils.data import DataLoader
 
 from mmkd.adapters import Adapter, build_adapter
 from mmkd.cli import add_overrides, command_parser
-from mmkd.config.compose import describe_config_error, register_resolvers
-from mmkd.config.schema import Config
+from mmkd.config.compose import compose_saved, describe_config_error
 from mmkd.data import build_splits
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
@@ -36,7 +35,6 @@ from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
 from mmkd.models import teacher_keys
 from mmkd.plots import plot_evaluation
-from mmkd.plugins import import_plugins
 from mmkd.teacher_source import teacher_role
 
 log = logging.getLogger(__name__)
@@ -68,20 +66,15 @@ def evaluate_models(
 
 def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """A run's saved config.yaml with `overrides` merged in (and its plugins imported)."""
-    register_resolvers()
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml; is this a run folder?")
     try:
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(Config),
-            OmegaConf.load(config_file),
-            OmegaConf.from_dotlist(list(overrides)),
-        )
+        return compose_saved(OmegaConf.load(config_file), overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir}: {err}") from None
     except Exception as err:  # omegaconf errors name the key
         raise ConfigError(f"{run_dir}: {describe_config_error(err)}") from None
-    import_plugins(cfg.run.plugins)
-    return cfg
 
 
 def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter], Tensor | None]:

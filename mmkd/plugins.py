@@ -1,9 +1,12 @@
-"""Plugins: the user's own adapters and datasets, selectable by name like the built-in ones.
+"""Plugins: the user's own adapters, datasets and loss terms, selectable by name like the
+built-in ones, with their own typed config sections.
 
 Two ways in, both explicit:
 
-- `run.plugins=[my_package.mmkd_plugin]` imports those modules at start-up; registering with
-  `@ADAPTERS.register("name")` / `@DATASETS.register("name")` there makes the names usable.
+- `run.plugins=[my_package.mmkd_plugin]` imports those modules when a config is composed
+  (before its schema is assembled from the registries); registering with
+  `@ADAPTERS.register("name")`, `@register_dataset("name", Config)` or `@register_term` there
+  makes the names usable and their sections (`data.<name>`, `losses.<name>`) typed.
 - An installed package declares entry points in the `mmkd.adapters` / `mmkd.datasets` groups;
   `mmkd.registry.Registry` imports one only when a config names it.
 

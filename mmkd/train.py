@@ -35,7 +35,8 @@ from mmkd.checkpoint import (
 )
 from mmkd.cli import command_parser
 from mmkd.config import compose, validate
-from mmkd.data import build_splits
+from mmkd.config.schema import DataCfg
+from mmkd.data import build_splits, dataset_sections
 from mmkd.data.base import class_prompts
 from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
@@ -67,23 +68,13 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir)
 
 
-DATA_PATH_KEYS = (
-    "root",
-    "fsdd.root",
-    "mnist.root",
-    "manifest.train",
-    "manifest.val",
-    "manifest.test",
-    "manifest.transfer",
-    "folder.train",
-    "folder.val",
-    "folder.test",
-)
-
-
 def absolute_data_paths(data: DictConfig) -> None:
-    """Make data paths absolute, so the saved config works from any folder (mmkd.evaluate)."""
-    for key in DATA_PATH_KEYS:
+    """Make data paths absolute, so the saved config works from any folder (mmkd.evaluate):
+    `data.root` and the path keys each section of the chosen dataset declares (`paths`)."""
+    keys = [*DataCfg.paths]
+    for name, section in dataset_sections(data.name).items():
+        keys += [f"{name}.{key}" for key in section.paths]
+    for key in keys:
         value = OmegaConf.select(data, key)
         if value and not Path(value).is_absolute():
             OmegaConf.update(data, key, str(Path(value).resolve()))

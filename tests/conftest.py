@@ -13,7 +13,7 @@ import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from mmkd.config.schema import DataCfg
+from mmkd.config.schema import data_schema
 
 DataCfgFactory = Callable[..., DictConfig]
 
@@ -38,7 +38,7 @@ def data_cfg() -> DataCfgFactory:
     """make(name, **overrides) -> a typed `data` node, e.g. make("fsdd", fsdd={"split": "all"})."""
 
     def make(name: str = "demo", **overrides: Any) -> DictConfig:
-        cfg = OmegaConf.merge(OmegaConf.structured(DataCfg), {"name": name, **overrides})
+        cfg = OmegaConf.merge(OmegaConf.structured(data_schema(name)), {"name": name, **overrides})
         assert isinstance(cfg, DictConfig)
         return cfg
 

@@ -136,3 +136,23 @@ def test_a_mapping_on_the_command_line_replaces_a_free_form_mapping():
     assert dict(cfg.student.timm.kwargs) == {"drop_rate": 0.1}
     cfg = compose(["student.image={img_size: 48}"])  # typed sections still merge
     assert cfg.student.image.img_size == 48 and cfg.student.image.in_chans == 3
+
+
+def test_a_config_saved_with_every_dataset_section_still_loads(tmp_path):
+    """Runs saved before datasets owned their sections wrote every built-in dataset's section
+    and data.options; on load the sections the chosen dataset does not read are dropped."""
+    from mmkd.config.compose import compose_saved
+    from mmkd.config.schema import DATASET_CONFIGS
+
+    saved = OmegaConf.to_container(compose(["data=fsdd", "data.fsdd.split=all"]))
+    for cls in DATASET_CONFIGS:  # the old layout: every section, under its dataset's name
+        name = cls.__module__.rpartition(".")[2]
+        saved["data"].setdefault(name, OmegaConf.to_container(OmegaConf.structured(cls)))
+    saved["data"]["options"] = {}
+    assert {"manifest", "av_digits", "mnist"} <= set(saved["data"])
+    cfg = compose_saved(OmegaConf.create(saved), ["data.fsdd.speakers=[jackson]"])
+    sections = {k for k in cfg.data if OmegaConf.is_dict(cfg.data[k])}
+    assert sections == {"fsdd", "frames"}
+    assert cfg.data.fsdd.split == "all" and list(cfg.data.fsdd.speakers) == ["jackson"]
+    with pytest.raises(ConfigError, match=r"data\.fsdd\.split: 'some'"):
+        validate(compose_saved(OmegaConf.create(saved), ["data.fsdd.split=some"]))

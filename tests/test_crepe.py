@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mmkd.adapters import build_adapter
 from mmkd.adapters.crepe import CrepePreprocessor, crepe_module
-from mmkd.config.schema import AdapterSpec, DataCfg
+from mmkd.config.schema import AdapterSpec, data_schema
 from mmkd.data import build_splits
 from mmkd.data.folder import index_folder
 from mmkd.data.frames import FramesDataset
@@ -91,7 +91,7 @@ def test_frames_through_the_data_config_drop_labels_and_accept_any_test_folders(
     write_clips(tmp_path / "train", {"x/a.wav": (0.2, RATE), "y/b.wav": (0.2, RATE)})
     write_clips(tmp_path / "test", {"other/c.wav": (0.1, RATE)})  # a class train never had
     cfg = OmegaConf.merge(
-        OmegaConf.structured(DataCfg),
+        OmegaConf.structured(data_schema("folder")),
         {
             "name": "folder",
             "folder": {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")},

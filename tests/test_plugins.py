@@ -115,14 +115,24 @@ def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, capsys):
 
 
 DATASET_PLUGIN = '''
-from mmkd.data import DATASETS, DatasetSplits
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mmkd.data import DatasetSplits, register_dataset
 from mmkd.data.demo import CLASS_NAMES, DemoDataset
+from mmkd.settings import Settings
 
 
-@DATASETS.register("my_shapes")
+@dataclass
+class MyShapesCfg(Settings):
+    positive: ClassVar = ("size",)
+    size: int = 32  # samples per split
+
+
+@register_dataset("my_shapes", MyShapesCfg, reads=("demo",))
 def build(cfg):
-    """The demo shapes, sized by the plugin's own data.options."""
-    size = cfg.options.size
+    """The demo shapes, sized by the plugin's own data.my_shapes section."""
+    size = cfg.my_shapes.size
     return DatasetSplits(
         *(DemoDataset(cfg.demo, split, size, seed=7) for split in ("train", "val", "test")),
         modalities=("image", "audio", "text"),
@@ -144,7 +154,7 @@ def test_dataset_plugin_is_selected_by_name(tmp_path, monkeypatch):
         *small_run(),
         "run.plugins=[my_data_plugin]",
         "data.name=my_shapes",
-        "data.options={size: 27}",
+        "data.my_shapes.size=27",
         f"run.dir={run_dir}",
     ]
     assert main(overrides) == 0

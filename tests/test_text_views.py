@@ -336,7 +336,7 @@ def test_a_run_distils_stored_text_views_with_a_transfer_set_and_a_token_term(tm
         "losses.token_cosine.pairs=[[tokens.2,tokens.2]]",
         "distill.store.views=2",
         f"distill.cache_dir={tmp_path / 'store'}",
-        *small_run(epochs=2),
+        *small_run(epochs=2, demo=False),
         "trainer.log_every_n_steps=1",
         f"run.dir={tmp_path / 'run'}",
     ]

@@ -88,12 +88,13 @@ def tiny_overrides(role: str, name: str) -> list[str]:
     ]
 
 
-def small_run(train: int = 48, test: int = 16, epochs: int = 1) -> list[str]:
-    """Overrides for a quick run on the generated demo data (a few seconds on 2 cores)."""
+def small_run(train: int = 48, test: int = 16, epochs: int = 1, demo: bool = True) -> list[str]:
+    """Overrides for a quick run on the generated demo data (a few seconds on 2 cores);
+    `demo=False` leaves out the demo sizes, for a run on another dataset (data.demo is then
+    not a key of the run's schema)."""
+    sizes = [f"data.demo.num_train={train}", "data.demo.num_val=16", f"data.demo.num_test={test}"]
     return [
-        f"data.demo.num_train={train}",
-        "data.demo.num_val=16",
-        f"data.demo.num_test={test}",
+        *(sizes if demo else []),
         "data.batch_size=16",
         f"trainer.max_epochs={epochs}",
         "trainer.enable_progress_bar=false",

@@ -20,12 +20,15 @@ import importlib.util
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from mmkd.config.schema import Config
+from mmkd.config.schema import DataCfg, run_schema
+from mmkd.data import DATASETS, dataset_sections
 from mmkd.errors import ConfigError
+from mmkd.plugins import import_plugins
 
 CONFIG_GROUPS = ("data", "teacher", "student", "losses", "trainer", "experiment")
 
@@ -96,11 +99,57 @@ def describe_config_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _merge(cfg: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
+def _merge(
+    cfg: DictConfig, other: DictConfig | dict, source: str, dataset: str | None = None
+) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {describe_config_error(err)}") from None
+        message = _unknown_section(dataset, err, other) or describe_config_error(err)
+        raise ConfigError(f"{source}: {message}") from None
+
+
+def _unknown_section(
+    dataset: str | None, err: OmegaConfBaseException, given: DictConfig | dict
+) -> str | None:
+    """The error for a `data.<section>` of a dataset other than the chosen `dataset` (the
+    schema holds only the sections it reads), naming the first key `given` sets there; None
+    for any other error."""
+    parts = str(getattr(err, "full_key", None) or "").split(".")
+    if not isinstance(err, ConfigKeyError) or dataset is None or parts[0] != "data":
+        return None
+    if len(parts) != 2 or parts[1] not in DATASETS or parts[1] == dataset:
+        return None
+    key = f"data.{parts[1]}"
+    section = OmegaConf.select(OmegaConf.create(given), key)
+    while isinstance(section, DictConfig) and len(section):
+        field = next(iter(section))
+        key, section = f"{key}.{field}", section[field]
+    reads = ", ".join(f"data.{name}" for name in dataset_sections(dataset)) or "no section"
+    return f"{key}: a setting of dataset {parts[1]}, but data.name={dataset} (which reads {reads})"
+
+
+def chosen_schema(layers: Sequence[DictConfig]) -> tuple[type, str]:
+    """The run's schema for the config `layers` (merged in order): import the modules their
+    `run.plugins` name (so the datasets and loss terms they register have sections), then
+    join the chosen dataset's section(s) (`data.name`) and every loss term's to `Config`.
+    Returns the schema and the chosen dataset's name."""
+    plain: DictConfig = OmegaConf.create()
+    for layer in layers:  # untyped: only to read two keys; the typed merge reports errors
+        try:
+            plain = OmegaConf.merge(plain, layer)
+        except OmegaConfBaseException:
+            continue
+    import_plugins([str(m) for m in _select(plain, "run.plugins") or []])
+    dataset = str(_select(plain, "data.name") or DataCfg.name)
+    return run_schema(dataset), dataset
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except OmegaConfBaseException:  # an interpolation that cannot resolve yet
+        return None
 
 
 def _load_yaml(search: Sequence[Path], relative: str, what: str) -> DictConfig:
@@ -167,34 +216,59 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         body.append((exp, f"experiment/{experiment}.yaml"))
     choices.update(cli_choices)
 
-    cfg = OmegaConf.structured(Config)
-    for key, choice in choices.items():
-        node = _group_node(search, key, str(choice))
-        cfg = _merge(
-            cfg,
+    groups = [
+        (
             OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
             f"{key}={choice}",
         )
-    defaults = cfg.copy()
-    required: set[str] = set()
-    for node, source in body:
-        required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
-        cfg = _merge(cfg, node, source)
-    for key in required:  # merging "???" keeps the old value; mark the key missing again
-        OmegaConf.update(cfg, key, "???")
-    if experiment:
-        cfg.run.name = experiment
+        for key, choice in choices.items()
+        for node in [_group_node(search, key, str(choice))]
+    ]
     try:
         cli = OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    cfg = _merge(cfg, cli, "command line")
+    schema, dataset = chosen_schema([node for node, _ in (*groups, *body, (cli, ""))])
+    cfg = OmegaConf.structured(schema)
+    for node, source in groups:
+        cfg = _merge(cfg, node, source, dataset)
+    defaults = cfg.copy()
+    required: set[str] = set()
+    for node, source in body:
+        required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
+        cfg = _merge(cfg, node, source, dataset)
+    for key in required:  # merging "???" keeps the old value; mark the key missing again
+        OmegaConf.update(cfg, key, "???")
+    if experiment:
+        cfg.run.name = experiment
+    cfg = _merge(cfg, cli, "command line", dataset)
     _replace_free_mappings(cfg, dotlist)
     if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
         cfg.run.config_path = str(search[0])
     _remember_group_defaults(cfg, defaults)
     _remember_command_line(cfg, dotlist)
     return cfg
+
+
+def compose_saved(saved: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """A run's saved config.yaml with `key=value` `overrides`, on the run's typed schema (its
+    plugins imported). Compatibility: configs saved before datasets owned their sections hold
+    every built-in dataset's section (and `data.options`); the sections the chosen dataset does
+    not read were never read, and are dropped on load."""
+    register_resolvers()
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command line: {describe_config_error(err)}") from None
+    schema, dataset = chosen_schema([saved, cli])
+    saved = saved.copy()
+    data = saved.get("data")
+    if isinstance(data, DictConfig):
+        read = dataset_sections(dataset)
+        for name in [k for k in data if (k in DATASETS or k == "options") and k not in read]:
+            data.pop(name)
+    cfg = _merge(OmegaConf.structured(schema), saved, "config.yaml", dataset)
+    return _merge(cfg, cli, "command line", dataset)
 
 
 def _replace_free_mappings(cfg: DictConfig, dotlist: list[str]) -> None:

@@ -1,15 +1,18 @@
-"""The typed config schema. Every key a run accepts is declared here, with its type and default.
+"""The typed config schema. The keys every run has are declared here, with their type and
+default; the sections of the chosen dataset and of every loss term are declared by the
+registries (each entry's `Config` dataclass) and joined to these by `run_schema` when a config
+is composed, so a plugin's section is typed and checked like a built-in one.
 
-Configs are merged onto `OmegaConf.structured(Config)`, so an unknown key or a value of the
-wrong type fails at start-up naming the key. Range and cross-field checks live in
-`mmkd.config.validate`.
+Configs are merged onto `OmegaConf.structured(run_schema(...))`, so an unknown key or a value
+of the wrong type fails at start-up naming the key. Range and cross-field checks live in each
+section's `check` and in `mmkd.config.validate`.
 """
 
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
 # ruff: noqa: UP006, UP035, UP045
 
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 # Each adapter family's sections live beside its code, in light modules (no model libraries)
 from mmkd.adapters.audio_config import AudioCfg, AudioCnnCfg, Wav2Vec2Cfg
@@ -19,7 +22,29 @@ from mmkd.adapters.image_config import ImageCfg
 from mmkd.adapters.sections import Section
 from mmkd.adapters.text_config import TextCfg
 from mmkd.adapters.text_rnn_config import TextRnnCfg
+from mmkd.data import dataset_sections
+from mmkd.data.av_digits import AvDigitsCfg
+from mmkd.data.demo import DemoCfg
+from mmkd.data.folder import FolderCfg
+from mmkd.data.fsdd import FsddCfg
+from mmkd.data.hf import HfCfg
+from mmkd.data.manifest import ManifestCfg
+from mmkd.data.mnist import MnistCfg
+from mmkd.data.webdataset import WebDatasetCfg
 from mmkd.losses import term_classes
+from mmkd.settings import Settings
+
+# each dataset's section lives beside its code (mmkd.data.<name>); named here for old imports
+DATASET_CONFIGS = (
+    AvDigitsCfg,
+    DemoCfg,
+    FolderCfg,
+    FsddCfg,
+    HfCfg,
+    ManifestCfg,
+    MnistCfg,
+    WebDatasetCfg,
+)
 
 # --------------------------------------------------------------------------- adapters
 
@@ -77,120 +102,11 @@ ADAPTER_SECTIONS: Dict[str, type[Section]] = {
 
 
 @dataclass
-class DemoCfg:
-    """Generated shapes / tones / captions: the offline demo dataset."""
-
-    num_train: int = 1800
-    num_val: int = 200
-    num_test: int = 500
-    image_size: int = 32
-    sample_rate: int = 8000
-    clip_seconds: float = 0.5
-    noise: float = 0.1  # pixel / waveform noise level
-    seed: int = 0  # generator seed; the data stays fixed when run.seed changes
-
-
-@dataclass
-class ManifestCfg:
-    """JSONL, CSV or TSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
-
-    train: Optional[str] = None
-    val: Optional[str] = None  # None: held out from train by data.val_fraction
-    test: Optional[str] = None  # None: the validation split is also the test split
-    class_names: Optional[List[str]] = None  # None: sorted distinct labels of the train manifest
-    # role (text | image | audio | label | id) -> column name, or 0-based index; unlisted roles
-    # read the column of their own name. E.g. {text: 0, label: 1} with header=false
-    columns: Dict[str, Any] = field(default_factory=dict)
-    delimiter: Optional[str] = None  # None: "," for .csv, tab for .tsv (TSV cells are not quoted)
-    header: bool = True  # false: CSV/TSV files have no header row (columns are then indices)
-    # true: rows with an empty / missing label load unlabelled (label None) among labelled rows;
-    # false: such a row is an error naming it (skipped and counted under data.on_error=skip)
-    unlabelled: bool = False
-    # a transfer set: a manifest whose rows join the training split (after the val holdout) with
-    # their labels dropped unread; KD terms use them, label terms (ce) skip them
-    transfer: Optional[str] = None
-
-
-@dataclass
-class WebDatasetCfg:
-    """WebDataset tar shards. Each split is a brace pattern ("DIR/train-{000000..000127}.tar"),
-    a list of shards, or a folder holding .tar files; URLs (http://, pipe:) go to webdataset."""
-
-    train: Any = None
-    val: Any = None  # None: whole shards held out of train by data.val_fraction (at least one)
-    test: Any = None  # None: the validation split is also the test split
-    shuffle_buffer: int = 1000  # samples held for shuffling inside each worker's stream; 0: none
-    shuffle_shards: bool = True  # reshuffle the shard order every epoch (by run.seed and epoch)
-    # class names, in index order; None: those `mmkd pack` recorded in the shards' shards.json.
-    # A sample's .cls holds a class name, or an integer index into these names
-    class_names: Optional[List[str]] = None
-    # read shards of a folder holding an unfinished `mmkd pack` (PREFIX.packing.json) anyway
-    allow_incomplete: bool = False
-    # refuse a sample id found in train and in given val / test shards (reads every tar header
-    # once at start-up: about 0.5 ms per sample on a loaded 2-core machine; see the README)
-    check_overlap: bool = True
-
-
-@dataclass
-class HfCfg:
-    """A local Hugging Face dataset (map-style: exact mid-epoch resume holds)."""
-
-    # a save_to_disk folder, a folder of .parquet / .arrow files, or the data folder of `builder`
-    path: Optional[str] = None
-    # None: load_from_disk folder, or parquet / arrow files found in path; else a local builder:
-    # imagefolder | audiofolder | parquet | arrow | csv | json
-    builder: Optional[str] = None
-    train_split: str = "train"
-    val_split: str = "validation"  # absent from the dataset: held out of train by data.val_fraction
-    test_split: str = "test"  # absent from the dataset: the validation split is also the test split
-    # modality -> column, e.g. {image: img, text: caption}; unlisted modalities are read from a
-    # column of their own name (image / audio / text) when the dataset has one
-    columns: Dict[str, str] = field(default_factory=dict)
-    label_column: Optional[str] = "label"  # None or absent from the dataset: no labels
-    id_column: Optional[str] = None  # None: "SPLIT:ROW"
-    cache_dir: Optional[str] = None  # where `datasets` caches prepared builders; None: its default
-
-
-@dataclass
-class FsddCfg:
-    """Free Spoken Digit Dataset recordings: {digit}_{speaker}_{index}.wav."""
-
-    root: Optional[str] = None  # folder holding the wav files
-    split: str = "test"  # evaluation split: train (index 5-49) | test (index 0-4) | all
-    speakers: List[str] = field(default_factory=list)  # empty: every speaker
-
-
-@dataclass
-class MnistCfg:
-    """MNIST IDX files (*-images-idx3-ubyte[.gz], *-labels-idx1-ubyte[.gz])."""
-
-    root: Optional[str] = None
-    split: str = "test"  # evaluation split: train | test
-
-
-@dataclass
-class AvDigitsCfg:
-    """MNIST images paired with FSDD clips of the same digit, plus a text prompt."""
-
-    pair_seed: int = 0  # which image goes with which clip (deterministic)
-    images_per_clip: int = 1  # >1 pairs each clip with several images (more pairs per epoch)
-
-
-@dataclass
-class FolderCfg:
-    """Class folders, ROOT/<class>/<file> (images or audio), as torchvision's ImageFolder reads."""
-
-    train: Optional[str] = None  # train root; class index = sorted class-folder order
-    val: Optional[str] = None  # None: a fixed seeded split of train (val_size)
-    test: Optional[str] = None  # None: the validation split is also the test split
-    val_size: Any = 0.1  # held out of train when val is None: a count, or a fraction below 1
-    split_seed: int = 0  # which train files are held out (fixed as run.seed changes)
-
-
-@dataclass
-class FramesCfg:
+class FramesCfg(Settings):
     """Audio read as fixed windows with a hop (mmkd.data.frames): each window is a sample
     `CLIP_ID@OFFSET`; labels are dropped."""
+
+    positive: ClassVar = ("window", "hop", "sample_rate", "cache_clips")
 
     window: Optional[int] = None  # samples per frame at sample_rate; None: whole clips
     hop: int = 512  # samples between frame starts
@@ -199,7 +115,16 @@ class FramesCfg:
 
 
 @dataclass
-class DataCfg:
+class DataCfg(Settings):
+    """The settings of every dataset. `run_schema` adds the section(s) of the chosen one
+    (`data.<name>`, its registered `Config`), and only those: a section of another dataset is
+    an unknown key."""
+
+    positive: ClassVar = ("batch_size", "decode_cache_max_gb")
+    non_negative: ClassVar = ("num_workers", "max_train_samples", "max_eval_samples")
+    choices: ClassVar = {"on_error": ("raise", "skip")}
+    paths: ClassVar = ("root",)
+
     # dataset registry name: demo | manifest | folder | fsdd | mnist | av_digits | webdataset | hf
     name: str = "demo"
     root: Optional[str] = (
@@ -229,26 +154,24 @@ class DataCfg:
     # training batches of texts of similar token counts (less padding): the epoch's shuffled
     # order in pools of 50 batches, each sorted by length, the batches shuffled (seeded)
     bucket_by_length: bool = False
-    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin datasets
-    demo: DemoCfg = field(default_factory=DemoCfg)
-    manifest: ManifestCfg = field(default_factory=ManifestCfg)
-    folder: FolderCfg = field(default_factory=FolderCfg)
-    fsdd: FsddCfg = field(default_factory=FsddCfg)
-    mnist: MnistCfg = field(default_factory=MnistCfg)
-    av_digits: AvDigitsCfg = field(default_factory=AvDigitsCfg)
-    webdataset: WebDatasetCfg = field(default_factory=WebDatasetCfg)
-    hf: HfCfg = field(default_factory=HfCfg)
-    frames: FramesCfg = field(default_factory=FramesCfg)
+    frames: FramesCfg = field(default_factory=FramesCfg)  # any audio dataset read as frames
 
 
 # --------------------------------------------------------------------------- losses
 
-# Weighted loss terms, one section per term of the registry (mmkd.losses): `losses.<term>`
-# holds its `weight` (0: not computed) and its own settings. total = sum(weight * term).
-LossesCfg = make_dataclass(
-    "LossesCfg",
-    [(cls.name, cls.Config, field(default_factory=cls.Config)) for cls in term_classes()],
-)
+
+def losses_schema() -> type:
+    """Weighted loss terms, one section per term of the registry (mmkd.losses), plugin terms
+    included: `losses.<term>` holds its `weight` (0: not computed) and its own settings.
+    total = sum(weight * term)."""
+    return make_dataclass(
+        "LossesCfg",
+        [(cls.name, cls.Config, field(default_factory=cls.Config)) for cls in term_classes()],
+    )
+
+
+# the built-in terms' sections (a run's schema is built by `run_schema`, plugin terms included)
+LossesCfg = losses_schema()
 
 
 @dataclass
@@ -367,3 +290,35 @@ class Config:
     distill: DistillCfg = field(default_factory=DistillCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     run: RunCfg = field(default_factory=RunCfg)
+
+
+def data_schema(dataset: str) -> type[DataCfg]:
+    """`DataCfg` with the section(s) dataset `dataset` reads (its own `data.<dataset>`, and
+    those of the datasets it reads), from the dataset registry."""
+    return make_dataclass(
+        "DataCfg",
+        [
+            (name, cls, field(default_factory=cls))
+            for name, cls in dataset_sections(dataset).items()
+        ],
+        bases=(DataCfg,),
+    )
+
+
+def run_schema(dataset: str = "demo") -> type[Config]:
+    """The schema of a run on dataset `dataset`: `Config` with the sections of that dataset
+    and of every registered loss term (import plugins first, so theirs are included)."""
+    losses = losses_schema()
+    teacher = make_dataclass(
+        "TeacherSpec", [("losses", losses, field(default_factory=losses))], bases=(TeacherSpec,)
+    )
+    data = data_schema(dataset)
+    return make_dataclass(
+        "Config",
+        [
+            ("data", data, field(default_factory=data)),
+            ("teachers", Dict[str, teacher], field(default_factory=dict)),
+            ("losses", losses, field(default_factory=losses)),
+        ],
+        bases=(Config,),
+    )

@@ -13,9 +13,6 @@ from mmkd.config.compose import group_defaults
 from mmkd.errors import ConfigError
 
 CHOICES = {
-    "data.on_error": ("raise", "skip"),
-    "data.fsdd.split": ("train", "test", "all"),
-    "data.mnist.split": ("train", "test"),
     "optim.name": ("adamw", "sgd"),
     "optim.scheduler": ("cosine", "constant"),
     "distill.nonfinite_loss": ("stop", "skip"),
@@ -23,7 +20,6 @@ CHOICES = {
     "distill.store.dtype": ("float32", "float16", "bfloat16"),
 }
 POSITIVE = (
-    "data.batch_size",
     "optim.lr",
     "run.latency_seconds",
     "run.checkpoint_every_n_steps",
@@ -31,20 +27,11 @@ POSITIVE = (
     "distill.store.logits_topk",
     "distill.store.chunk_size",
     "distill.store.max_gb",
-    "data.decode_cache_max_gb",
     "trainer.num_nodes",
-    "data.frames.window",
-    "data.frames.hop",
-    "data.frames.sample_rate",
-    "data.frames.cache_clips",
 )
 NON_NEGATIVE = (
-    "data.num_workers",
-    "data.webdataset.shuffle_buffer",
     "optim.weight_decay",
     "optim.min_lr_ratio",
-    "data.max_train_samples",
-    "data.max_eval_samples",
 )
 
 
@@ -117,8 +104,6 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value that is out of range or contradicts another.
 
     The modules of `run.plugins` are imported first, so the names they register validate."""
-    from mmkd.data import DATASETS
-    from mmkd.data.decode_cache import cache_mode
     from mmkd.loggers import check_loggers
     from mmkd.plugins import import_plugins
 
@@ -139,23 +124,8 @@ def validate(cfg: DictConfig) -> None:
     for key, spec in adapter_specs(cfg):
         base = OmegaConf.select(composed, key) if composed is not None else None
         _check_adapter(key, spec, base)
-    DATASETS.get(cfg.data.name, key="data.name")
-    cache_mode(cfg.data)  # data.decode_cache: auto | true | false
-    if cfg.data.manifest.transfer is not None and cfg.data.name != "manifest":
-        raise ConfigError(
-            f"data.manifest.transfer: a transfer set mixes into manifest data, but data.name="
-            f"{cfg.data.name}"
-        )
+    check_data(cfg.data)
     check_loggers(cfg.run.loggers)
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
-    val_size = cfg.data.folder.val_size
-    if isinstance(val_size, bool) or not isinstance(val_size, int | float) or val_size < 0:
-        raise ConfigError(
-            f"data.folder.val_size: must be a count or a fraction below 1, got {val_size!r}"
-        )
-    if isinstance(val_size, float) and val_size >= 1 and not val_size.is_integer():
-        raise ConfigError(f"data.folder.val_size: {val_size} is neither a count nor a fraction")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ConfigError(
             f"optim.warmup_fraction: must be in [0, 1), got {cfg.optim.warmup_fraction}"
@@ -168,6 +138,26 @@ def validate(cfg: DictConfig) -> None:
         )
 
     check_losses(cfg)
+
+
+def check_data(data: DictConfig) -> None:
+    """The common `data` settings, and each section of the chosen dataset by its own checks."""
+    from mmkd.config.schema import DataCfg, FramesCfg
+    from mmkd.data import dataset_sections
+    from mmkd.data.decode_cache import cache_mode
+
+    DataCfg.check(data, "data")
+    FramesCfg.check(data.frames, "data.frames")
+    cache_mode(data)  # data.decode_cache: auto | true | false
+    if not 0 <= data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {data.val_fraction}")
+    for name, section in dataset_sections(data.name).items():
+        if name not in data:
+            raise ConfigError(
+                f"data.{name}: missing; this config was not composed for data.name={data.name} "
+                "(mmkd.config.compose builds the schema of the chosen dataset)"
+            )
+        section.check(data[name], f"data.{name}")
 
 
 def loss_sections(
@@ -202,6 +192,8 @@ def check_losses(cfg: DictConfig) -> None:
     any_weight = False
     for key, section, scope, teacher in loss_sections(cfg):
         for cls in term_classes():
+            if cls.name not in section:  # registered after this config was composed
+                continue
             term_key = f"{key}.{cls.name}"
             weight = section[cls.name].weight
             if weight < 0:

@@ -14,14 +14,23 @@ when its digit has fewer images than needed. `data.mnist.split` is not used.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 
-from mmkd.data.base import DATASETS, SPLIT_CODES, DatasetSplits, RawSample, SafeDataset
+from mmkd.data.base import (
+    SPLIT_CODES,
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    register_dataset,
+)
 from mmkd.data.fsdd import Clip, FsddDataset, fsdd_clips
 from mmkd.data.mnist import DIGIT_NAMES, MnistDataset, digit_prompts, mnist_pools
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 Pool = tuple[MnistDataset, np.ndarray]  # an MNIST file and the indices of it the pool holds
 Pair = tuple[int, MnistDataset, int]  # (clip position, MNIST file, image index)
@@ -87,8 +96,18 @@ class AvDigitsDataset(SafeDataset):
         return {**images[image], **self.audio.load(clip), "id": self.sample_id(index)}
 
 
-@DATASETS.register("av_digits")
-def build_av_digits(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class AvDigitsCfg(Settings):
+    """MNIST images paired with FSDD clips of the same digit, plus a text prompt."""
+
+    positive: ClassVar = ("images_per_clip",)
+
+    pair_seed: int = 0  # which image goes with which clip (deterministic)
+    images_per_clip: int = 1  # >1 pairs each clip with several images (more pairs per epoch)
+
+
+@register_dataset("av_digits", AvDigitsCfg, reads=("fsdd", "mnist"))
+def build_av_digits(cfg: DataSettings) -> DatasetSplits:
     """Train / val / test pairs of FSDD clips and MNIST images (see the module docstring)."""
     per_clip = cfg.av_digits.images_per_clip
     if per_clip < 1:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from mmkd.errors import ConfigError, DataError
 from mmkd.registry import Registry
+from mmkd.settings import Settings
 
 RawSample = dict[str, Any]
 MODALITIES = ("image", "audio", "text")
@@ -54,8 +54,57 @@ class DatasetSplits:
         return len(self.class_names)
 
 
-DatasetBuilder = Callable[[DictConfig], DatasetSplits]  # the `data` config node -> splits
-DATASETS: Registry[DatasetBuilder] = Registry("dataset", entry_point_group="mmkd.datasets")
+# the run's typed `data` settings: an instance of mmkd.config.schema.DataCfg (the common fields)
+# holding the dataset's section(s) as instances of their `Config` (a DictConfig of that schema
+# reads the same, attribute by attribute)
+DataSettings = Any
+DatasetBuilder = Callable[[DataSettings], DatasetSplits]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its builder, its section `data.<name>` (a `Settings` dataclass
+    declaring its checks and path keys; None: no settings of its own) and the other datasets
+    whose sections it reads too (av_digits pairs fsdd clips with mnist images)."""
+
+    name: str
+    build: DatasetBuilder
+    config: type[Settings] | None = None
+    reads: tuple[str, ...] = ()
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", entry_point_group="mmkd.datasets")
+
+
+def register_dataset(
+    name: str, config: type[Settings] | None = None, *, reads: tuple[str, ...] = ()
+) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Decorator: register a builder `f(data_cfg) -> DatasetSplits` as dataset `name`, with
+    its section dataclass `config` (the schema's `data.<name>`) and the other datasets whose
+    sections it `reads`."""
+
+    def decorator(build: DatasetBuilder) -> DatasetBuilder:
+        DATASETS.register(name)(DatasetEntry(name, build, config, tuple(reads)))
+        return build
+
+    return decorator
+
+
+def dataset_entry(name: str, key: str = "data.name") -> DatasetEntry:
+    """The registered dataset `name` (ConfigError at `key` listing the valid names). An object
+    registered directly (`DATASETS.register(name)(builder)`) is a dataset without settings."""
+    entry = DATASETS.get(name, key=key)
+    return entry if isinstance(entry, DatasetEntry) else DatasetEntry(name, entry)
+
+
+def dataset_sections(name: str, key: str = "data.name") -> dict[str, type[Settings]]:
+    """Section name -> dataclass of every `data.<section>` dataset `name` reads: its own
+    first, then those of the datasets it `reads`."""
+    entry = dataset_entry(name, key)
+    sections = {entry.name: entry.config} if entry.config is not None else {}
+    for other in entry.reads:
+        sections.update(dataset_sections(other, f"{key} ({name} reads data.{other})"))
+    return sections
 
 
 class SafeDataset(Dataset):

@@ -13,9 +13,9 @@ from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
-from omegaconf import DictConfig
 from PIL import Image
 
+from mmkd.data.base import DataSettings
 from mmkd.errors import ConfigError, DataError
 
 PathLike = str | os.PathLike
@@ -74,12 +74,12 @@ def decode_image(source: PathLike | BinaryIO, name: str) -> Image.Image:
     return image
 
 
-def data_folder(cfg: DictConfig, name: str, under_root: str) -> Path:
+def data_folder(cfg: DataSettings, name: str, under_root: str) -> Path:
     """The folder of dataset `name`: `data.NAME.root`, else `data.root/under_root`.
 
     Raises ConfigError naming the key that gave the path when it is unset or not a folder.
     """
-    own = cfg[name].root
+    own = getattr(cfg, name).root
     if own is not None:
         key, folder = f"data.{name}.root", Path(own).expanduser()
     elif cfg.root is not None:

@@ -7,11 +7,14 @@ noisy background, a short tone whose pitch encodes the class, and a caption nami
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mmkd.data.base import DATASETS, SPLIT_CODES, DatasetSplits, RawSample
+from mmkd.data.base import SPLIT_CODES, DatasetSplits, DataSettings, RawSample, register_dataset
+from mmkd.settings import Settings
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 SHAPES = ("circle", "square", "triangle")
@@ -41,7 +44,7 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 class DemoDataset(Dataset):
     """One split of the generated data: `size` samples, deterministic in (seed, split, index)."""
 
-    def __init__(self, cfg: DictConfig, split: str, size: int, seed: int) -> None:
+    def __init__(self, cfg: DemoCfg, split: str, size: int, seed: int) -> None:
         self.cfg = cfg
         self.split = split
         self.size = size
@@ -81,8 +84,32 @@ class DemoDataset(Dataset):
         return (wave + rng.normal(0, self.cfg.noise, size=len(t))).astype(np.float32)
 
 
-@DATASETS.register("demo")
-def build_demo(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class DemoCfg(Settings):
+    """Generated shapes / tones / captions: the offline demo dataset."""
+
+    positive: ClassVar = (
+        "num_train",
+        "num_val",
+        "num_test",
+        "image_size",
+        "sample_rate",
+        "clip_seconds",
+    )
+    non_negative: ClassVar = ("noise",)
+
+    num_train: int = 1800
+    num_val: int = 200
+    num_test: int = 500
+    image_size: int = 32
+    sample_rate: int = 8000
+    clip_seconds: float = 0.5
+    noise: float = 0.1  # pixel / waveform noise level
+    seed: int = 0  # generator seed; the data stays fixed when run.seed changes
+
+
+@register_dataset("demo", DemoCfg)
+def build_demo(cfg: DataSettings) -> DatasetSplits:
     """Train / val / test splits of the generated demo data (sizes from data.demo)."""
     demo = cfg.demo
     return DatasetSplits(

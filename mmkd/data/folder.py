@@ -13,13 +13,23 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig
 
-from mmkd.data.base import DATASETS, DatasetSplits, RawSample, SafeDataset, holdout_split
+from mmkd.data.base import (
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    holdout_split,
+    register_dataset,
+)
 from mmkd.data.decode import read_audio, read_image
 from mmkd.errors import ConfigError
+from mmkd.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +148,42 @@ def index_folder(
     return FolderDataset(root, items, found[0], names, on_error)
 
 
-@DATASETS.register("folder")
-def build_folder(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class FolderCfg(Settings):
+    """Class folders, ROOT/<class>/<file> (images or audio), as torchvision's ImageFolder reads."""
+
+    paths: ClassVar = ("train", "val", "test")
+
+    train: str | None = None  # train root; class index = sorted class-folder order
+    val: str | None = None  # None: a fixed seeded split of train (val_size)
+    test: str | None = None  # None: the validation split is also the test split
+    val_size: Any = 0.1  # held out of train when val is None: a count, or a fraction below 1
+    split_seed: int = 0  # which train files are held out (fixed as run.seed changes)
+
+    @classmethod
+    def check(cls, cfg: DictConfig, key: str) -> None:
+        super().check(cfg, key)
+        size = cfg.val_size
+        if isinstance(size, bool) or not isinstance(size, int | float) or size < 0:
+            raise ConfigError(
+                f"{key}.val_size: must be a count or a fraction below 1, got {size!r}"
+            )
+        if isinstance(size, float) and size >= 1 and not size.is_integer():
+            raise ConfigError(f"{key}.val_size: {size} is neither a count nor a fraction")
+
+
+@register_dataset("folder", FolderCfg)
+def build_folder(cfg: DataSettings) -> DatasetSplits:
     f = cfg.folder
     if f.train is None:
         raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")
     train = index_folder(Path(f.train).expanduser(), "data.folder.train", None, None, cfg.on_error)
     names = train.class_names
     # read as frames, labels are dropped: val / test folders may hold any class folders
-    frames = cfg.get("frames") is not None and cfg.frames.window is not None
+    frames = getattr(cfg, "frames", None) is not None and cfg.frames.window is not None
 
     def optional(key: str) -> FolderDataset | None:
-        value = f[key]
+        value = getattr(f, key)
         if value is None:
             return None
         return index_folder(

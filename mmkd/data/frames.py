@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import Dataset, IterableDataset
 
-from mmkd.data.base import DatasetSplits, RawSample, SafeDataset, Skipped
+from mmkd.data.base import DatasetSplits, DataSettings, RawSample, SafeDataset, Skipped
 from mmkd.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ class FramesDataset(SafeDataset):
         }
 
 
-def frame_splits(splits: DatasetSplits, cfg: DictConfig) -> DatasetSplits:
+def frame_splits(splits: DatasetSplits, cfg: DataSettings) -> DatasetSplits:
     """`splits` read as frames (`cfg` is the `data` node); labels dropped."""
     frames = cfg.frames
     if "audio" not in splits.modalities:

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import ClassVar
 
 from mmkd.data.base import (
-    DATASETS,
     HOLDOUT_SEED,
     DatasetSplits,
+    DataSettings,
     RawSample,
     SafeDataset,
     holdout_split,
+    register_dataset,
 )
 from mmkd.data.decode import data_folder, read_audio
 from mmkd.data.mnist import DIGIT_NAMES, digit_prompts
 from mmkd.errors import ConfigError
+from mmkd.settings import Settings
 
 CLIP_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>[^_]+)_(?P<index>\d+)\.wav")
 SPLITS = ("train", "test", "all")
@@ -123,7 +124,7 @@ class FsddSplits:
     test: list[Clip]
 
 
-def fsdd_clips(cfg: DictConfig) -> FsddSplits:
+def fsdd_clips(cfg: DataSettings) -> FsddSplits:
     """Scan the FSDD folder of the `data` config `cfg` and split it (fixed holdout by file)."""
     clips = scan_clips(data_folder(cfg, "fsdd", "fsdd/recordings"), list(cfg.fsdd.speakers))
     test = select_split(clips, cfg.fsdd.split)
@@ -135,8 +136,20 @@ def fsdd_clips(cfg: DictConfig) -> FsddSplits:
     )
 
 
-@DATASETS.register("fsdd")
-def build_fsdd(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class FsddCfg(Settings):
+    """Free Spoken Digit Dataset recordings: {digit}_{speaker}_{index}.wav."""
+
+    paths: ClassVar = ("root",)
+    choices: ClassVar = {"split": ("train", "test", "all")}
+
+    root: str | None = None  # folder holding the wav files
+    split: str = "test"  # evaluation split: train (index 5-49) | test (index 0-4) | all
+    speakers: list[str] = field(default_factory=list)  # empty: every speaker
+
+
+@register_dataset("fsdd", FsddCfg)
+def build_fsdd(cfg: DataSettings) -> DatasetSplits:
     """FSDD clips: official train minus a fixed holdout, that holdout, `data.fsdd.split`."""
     clips, prompts = fsdd_clips(cfg), digit_prompts(cfg)
     train, val, test = (

@@ -15,18 +15,26 @@ distinct train values (numbers in numeric order); an integer column's are "0".."
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image
 
-from mmkd.data.base import DATASETS, MODALITIES, DatasetSplits, RawSample, SafeDataset
+from mmkd.data.base import (
+    MODALITIES,
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    SafeDataset,
+    register_dataset,
+)
 from mmkd.data.base import holdout_split as holdout
 from mmkd.data.decode import decode_audio, decode_image, read_audio, read_image
 from mmkd.data.manifest import _natural
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 BUILDERS = ("imagefolder", "audiofolder", "parquet", "arrow", "csv", "json")
 HOLDOUT_SEED = 0
@@ -42,7 +50,7 @@ def _datasets() -> Any:
     return datasets
 
 
-def load_splits(cfg: DictConfig) -> dict[str, Any]:
+def load_splits(cfg: DataSettings) -> dict[str, Any]:
     """split name -> datasets.Dataset for data.hf.path."""
     h = cfg.hf
     datasets = _datasets()
@@ -80,7 +88,7 @@ def load_splits(cfg: DictConfig) -> dict[str, Any]:
     return dict(loaded)
 
 
-def modality_columns(cfg: DictConfig, table: Any) -> dict[str, str]:
+def modality_columns(cfg: DataSettings, table: Any) -> dict[str, str]:
     """modality -> column of the train split."""
     unknown = sorted(set(cfg.hf.columns) - set(MODALITIES))
     if unknown:
@@ -150,7 +158,7 @@ class HfDataset(SafeDataset):
         table: Any,
         split: str,
         columns: dict[str, str],
-        cfg: DictConfig,
+        cfg: DataSettings,
         class_names: list[str],
     ) -> None:
         super().__init__(cfg.on_error)
@@ -209,8 +217,30 @@ class HfDataset(SafeDataset):
         return sample
 
 
-@DATASETS.register("hf")
-def build_hf(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class HfCfg(Settings):
+    """A local Hugging Face dataset (map-style: exact mid-epoch resume holds)."""
+
+    paths: ClassVar = ("path", "cache_dir")
+
+    # a save_to_disk folder, a folder of .parquet / .arrow files, or the data folder of `builder`
+    path: str | None = None
+    # None: load_from_disk folder, or parquet / arrow files found in path; else a local builder:
+    # imagefolder | audiofolder | parquet | arrow | csv | json
+    builder: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"  # absent from the dataset: held out of train by data.val_fraction
+    test_split: str = "test"  # absent from the dataset: the validation split is also the test split
+    # modality -> column, e.g. {image: img, text: caption}; unlisted modalities are read from a
+    # column of their own name (image / audio / text) when the dataset has one
+    columns: dict[str, str] = field(default_factory=dict)
+    label_column: str | None = "label"  # None or absent from the dataset: no labels
+    id_column: str | None = None  # None: "SPLIT:ROW"
+    cache_dir: str | None = None  # where `datasets` caches prepared builders; None: its default
+
+
+@register_dataset("hf", HfCfg)
+def build_hf(cfg: DataSettings) -> DatasetSplits:
     h = cfg.hf
     splits = load_splits(cfg)
     if h.train_split not in splits:

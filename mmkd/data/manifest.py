@@ -30,24 +30,26 @@ import csv
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmkd.data.base import (
-    DATASETS,
     HOLDOUT_SEED,
     MODALITIES,
     DatasetSplits,
+    DataSettings,
     RawSample,
     SafeDataset,
     holdout_split,
+    register_dataset,
 )
 from mmkd.data.decode import read_audio, read_image
 from mmkd.data.transfer import TransferMix, drop_labels
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
 Record = dict[str, Any] | str  # a parsed row, or why the line could not be parsed
@@ -83,8 +85,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, m: DictConfig) -> Layout:
-        columns = OmegaConf.to_container(m.columns) if m.get("columns") else {}
-        assert isinstance(columns, dict)
+        columns = dict(m.columns or {})
         for role, column in columns.items():
             if role not in ROLES:
                 raise ConfigError(
@@ -355,8 +356,31 @@ def _manifest_path(value: str) -> Path:
     return Path(value).expanduser().absolute()
 
 
-@DATASETS.register("manifest")
-def build_manifest(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class ManifestCfg(Settings):
+    """JSONL, CSV or TSV manifests: one row per sample, columns image/audio/text (+ label, id)."""
+
+    paths: ClassVar = ("train", "val", "test", "transfer")
+
+    train: str | None = None
+    val: str | None = None  # None: held out from train by data.val_fraction
+    test: str | None = None  # None: the validation split is also the test split
+    class_names: list[str] | None = None  # None: sorted distinct labels of the train manifest
+    # role (text | image | audio | label | id) -> column name, or 0-based index; unlisted roles
+    # read the column of their own name. E.g. {text: 0, label: 1} with header=false
+    columns: dict[str, Any] = field(default_factory=dict)
+    delimiter: str | None = None  # None: "," for .csv, tab for .tsv (TSV cells are not quoted)
+    header: bool = True  # false: CSV/TSV files have no header row (columns are then indices)
+    # true: rows with an empty / missing label load unlabelled (label None) among labelled rows;
+    # false: such a row is an error naming it (skipped and counted under data.on_error=skip)
+    unlabelled: bool = False
+    # a transfer set: a manifest whose rows join the training split (after the val holdout) with
+    # their labels dropped unread; KD terms use them, label terms (ce) skip them
+    transfer: str | None = None
+
+
+@register_dataset("manifest", ManifestCfg)
+def build_manifest(cfg: DataSettings) -> DatasetSplits:
     """Splits from the JSONL / CSV / TSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest
     if m.train is None:
@@ -383,7 +407,7 @@ def build_manifest(cfg: DictConfig) -> DatasetSplits:
         return ManifestDataset(path, records, modalities, classes, cfg.on_error, m.unlabelled)
 
     def optional(key: str) -> ManifestDataset | None:
-        value = m[key]
+        value = getattr(m, key)
         if value is None:
             return None
         path = _manifest_path(value)

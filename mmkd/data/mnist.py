@@ -12,21 +12,23 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from mmkd.data.base import (
-    DATASETS,
     HOLDOUT_SEED,
     DatasetSplits,
+    DataSettings,
     RawSample,
     class_prompts,
     holdout_split,
+    register_dataset,
 )
 from mmkd.data.decode import data_folder
 from mmkd.errors import ConfigError, DataError
+from mmkd.settings import Settings
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FILE_PREFIX = {"train": "train", "test": "t10k"}
@@ -34,7 +36,7 @@ FILE_PREFIX = {"train": "train", "test": "t10k"}
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def digit_prompts(cfg: DictConfig) -> list[str]:
+def digit_prompts(cfg: DataSettings) -> list[str]:
     """`data.prompt_template` filled with each digit's name, index = digit."""
     try:
         return class_prompts(DIGIT_NAMES, cfg.prompt_template)
@@ -151,7 +153,7 @@ class MnistPools:
     val: Subset  # the val holdout
 
 
-def mnist_pools(cfg: DictConfig) -> MnistPools:
+def mnist_pools(cfg: DataSettings) -> MnistPools:
     """Load MNIST for the `data` config `cfg` and split the train file (fixed holdout)."""
     folder = data_folder(cfg, "mnist", "mnist")
     prompts = digit_prompts(cfg)
@@ -161,8 +163,19 @@ def mnist_pools(cfg: DictConfig) -> MnistPools:
     return MnistPools(whole_train, test, train, val)
 
 
-@DATASETS.register("mnist")
-def build_mnist(cfg: DictConfig) -> DatasetSplits:
+@dataclass
+class MnistCfg(Settings):
+    """MNIST IDX files (*-images-idx3-ubyte[.gz], *-labels-idx1-ubyte[.gz])."""
+
+    paths: ClassVar = ("root",)
+    choices: ClassVar = {"split": ("train", "test")}
+
+    root: str | None = None
+    split: str = "test"  # evaluation split: train | test
+
+
+@register_dataset("mnist", MnistCfg)
+def build_mnist(cfg: DataSettings) -> DatasetSplits:
     """MNIST train minus a fixed holdout, that holdout, and the `data.mnist.split` test set."""
     if cfg.mnist.split not in FILE_PREFIX:
         raise ConfigError(f"data.mnist.split: must be train or test, got {cfg.mnist.split!r}")

@@ -146,7 +146,9 @@ class LossTerm(nn.Module):
     non_negative: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
+        """`cfg`: this term's settings, an instance of its `Config` (DistillLoss converts the
+        config section; a DictConfig of that schema reads the same)."""
         super().__init__()
         self.cfg = cfg  # the models in `ctx` are only read here, never kept (no references)
 
@@ -232,7 +234,7 @@ class LayerPairTerm(LossTerm):
     needs_spatial: ClassVar[bool] = False
     same_spatial_rank: ClassVar[bool] = False
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         key = f"{ctx.key}.{self.name}"
         self.pairs = parse_pairs(cfg.pairs, key)

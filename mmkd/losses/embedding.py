@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .base import Gather, LossTerm, TermContext, TermInputs, local_gather, register_term
@@ -95,7 +94,7 @@ class Contrastive(LossTerm):
     teacher_space = True
     positive = ("temperature", "max_logit_scale")
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         init = torch.tensor(1.0 / cfg.temperature).log()
         self.log_logit_scale = nn.Parameter(init, requires_grad=cfg.learn_temperature)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, List  # noqa: UP035  (OmegaConf reads the annotation)
 
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .base import (
@@ -75,7 +74,7 @@ class Hint(LayerPairTerm):
     Config = HintCfg
     same_spatial_rank = True
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         self.regressors = nn.ModuleList(
             pointwise_regressor(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 
 from mmkd.errors import ConfigError
@@ -110,7 +110,7 @@ class KD(LossTerm):
     student_outputs = frozenset({"logits"})
     positive = ("temperature",)
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         check_classifiers(ctx, self.name, teacher_too=True)
 
@@ -140,7 +140,7 @@ class DKD(LossTerm):
     positive = ("temperature",)
     non_negative = ("alpha", "beta", "warmup_epochs")
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         check_classifiers(ctx, self.name, teacher_too=True)
 
@@ -179,7 +179,7 @@ class CE(LossTerm):
     student_outputs = frozenset({"logits"})
     non_negative = ("label_smoothing",)
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         check_classifiers(ctx, self.name, teacher_too=False)
 

@@ -10,7 +10,7 @@ as PANNs / AST, EfficientAT's stored AudioSet predictions), where softmax KD doe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class SigmoidKD(LossTerm):
     student_outputs = frozenset({"logits"})
     positive = ("temperature",)
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         check_classifiers(ctx, self.name, teacher_too=True)
         weights = list(cfg.class_weights or [])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import is_dataclass
 from typing import Any
 
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from .base import (
@@ -27,8 +28,18 @@ def active_terms(cfg: DictConfig, scope: str = "all") -> list[type[LossTerm]]:
     return [
         cls
         for cls in term_classes()
-        if cfg[cls.name].weight > 0 and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
+        if cls.name in cfg
+        and cfg[cls.name].weight > 0
+        and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
     ]
+
+
+def typed_settings(section: Any) -> Any:
+    """A term's config section as an instance of its `Config` dataclass (interpolations
+    resolved), so a term is built from typed values; anything else is returned as it is."""
+    if isinstance(section, DictConfig) and is_dataclass(OmegaConf.get_type(section)):
+        return OmegaConf.to_object(section)
+    return section
 
 
 class DistillLoss(nn.Module):
@@ -52,7 +63,9 @@ class DistillLoss(nn.Module):
         ctx = TermContext(student_dim, teacher_dim, **context)
         classes = active_terms(cfg, scope)
         self.weights = {cls.name: float(cfg[cls.name].weight) for cls in classes}
-        self.terms = nn.ModuleDict({cls.name: cls(cfg[cls.name], ctx) for cls in classes})
+        self.terms = nn.ModuleDict(
+            {cls.name: cls(typed_settings(cfg[cls.name]), ctx) for cls in classes}
+        )
         needs_space = any(term.teacher_space for term in self.terms.values())
         self.to_teacher = (
             nn.Linear(student_dim, teacher_dim, bias=False)

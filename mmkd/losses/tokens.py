@@ -13,11 +13,10 @@ does); anything else is a start-up error naming both models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mmkd.errors import ConfigError
@@ -88,7 +87,7 @@ class TokenPairTerm(LayerPairTerm):
 
     prefix: ClassVar[str] = "tokens."  # the kind of feature both sides of a pair must be
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         key = f"{ctx.key}.{self.name}"
         check_same_tokens(ctx, key)
@@ -129,7 +128,7 @@ class ProjectedTokenTerm(TokenPairTerm):
     """Hidden states token by token, through a learned linear map of the student's width onto
     the teacher's where they differ (identity where they are equal)."""
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         self.projections = nn.ModuleList(
             nn.Identity()
@@ -192,7 +191,7 @@ class AttentionKL(TokenPairTerm):
     prefix = "attentions."
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"heads": ("equal", "mean")}
 
-    def __init__(self, cfg: DictConfig, ctx: TermContext) -> None:
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         for s, t in self.pairs:
             s_heads, t_heads = self.student_shapes[s][0], self.teacher_shapes[t][0]

@@ -153,7 +153,7 @@ def folder_run(data: Path, run_dir: Path, cache: Path) -> list[str]:
         f"distill.cache_dir={cache}",
         "run.test=false",
         "run.export=false",
-        *small_run(epochs=1),
+        *small_run(epochs=1, demo=False),
         f"run.dir={run_dir}",
     ]
 
