@@ -38,6 +38,7 @@ from mmkd.data import build_splits
 from mmkd.data.base import class_prompts
 from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
+from mmkd.data.resume import TrackTrainedBatches
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
@@ -137,7 +138,13 @@ def build_trainer(
             **kwargs,
             **extra,
             default_root_dir=str(run_dir),
-            callbacks=[checkpoint, EpochTimer(), LogRunConfig(cfg), *callbacks],
+            callbacks=[
+                checkpoint,
+                EpochTimer(),
+                LogRunConfig(cfg),
+                TrackTrainedBatches(),  # the loader's place in the epoch, for checkpoints
+                *callbacks,
+            ],
             plugins=[SafeCheckpointIO()],
             logger=build_loggers(cfg, run_dir),
         )
