@@ -36,6 +36,7 @@ from mmkd.losses import (
     local_gather,
 )
 from mmkd.optim import make_optimizer, make_scheduler
+from mmkd.roles import SHORTHAND, student_slot, teacher_slot
 from mmkd.store import TeacherTargets
 from mmkd.teacher_source import (
     BuildTeacherStores,
@@ -50,9 +51,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
-
-
-SHORTHAND = "teacher"  # the name of the one teacher of `teacher=...`
 
 
 class DistillModule(pl.LightningModule):
@@ -79,20 +77,16 @@ class DistillModule(pl.LightningModule):
         for teacher in self.teachers.values():
             teacher.requires_grad_(False).eval()
         check_same_views(self.teachers, students)
-        teacher_keys = {
-            name: "teacher" if name == SHORTHAND else f"teachers.{name}" for name in self.teachers
-        }
-        prefixes = {name: "" if name == SHORTHAND else f"{name}/" for name in self.teachers}
+        self.teacher_slots = {name: teacher_slot(name) for name in self.teachers}
+        self.student_slots = {name: student_slot(name) for name in students}
         self.losses = nn.ModuleDict(
             {
                 role: build_student_loss(
                     loss_sections(cfg, SHORTHAND in self.teachers),
                     student,
                     self.teachers,
-                    student_key="student" if role == "student" else f"extra_students.{role}",
-                    teacher_keys=teacher_keys,
-                    prefixes=prefixes,
-                    role=role,
+                    self.student_slots[role],
+                    self.teacher_slots,
                 )
                 for role, student in students.items()
             }
@@ -214,9 +208,8 @@ class DistillModule(pl.LightningModule):
             return float(self.current_epoch)
         return self.current_epoch + batch_idx / batches
 
-    @staticmethod
-    def _name(stage: str, role: str, term: str) -> str:
-        return f"{stage}/{term}" if role == "student" else f"{stage}/{role}/{term}"
+    def _name(self, stage: str, role: str, term: str) -> str:
+        return f"{stage}/{self.student_slots[role].metric_prefix}{term}"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.log_skipped(batch, "train")
@@ -299,8 +292,13 @@ class DistillModule(pl.LightningModule):
             preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:
                 self.val_accuracy[role].update(preds, labels)
-                name = "val/accuracy" if role == "student" else f"val/{role}/accuracy"
-                self.log(name, self.val_accuracy[role], prog_bar=role == "student", batch_size=size)
+                prefix = self.student_slots[role].metric_prefix
+                self.log(
+                    f"val/{prefix}accuracy",
+                    self.val_accuracy[role],
+                    prog_bar=not prefix,
+                    batch_size=size,
+                )
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=size)
 
     # ------------------------------------------------------------------ optimisation

@@ -21,6 +21,7 @@ from mmkd.adapters import Adapter
 from mmkd.errors import ConfigError
 from mmkd.losses import FeatureTarget
 from mmkd.replay import ViewPolicy
+from mmkd.roles import SHORTHAND, student_slot, teacher_slot
 from mmkd.store import (
     Collective,
     StoreBuilder,
@@ -34,12 +35,6 @@ from mmkd.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def teacher_role(name: str) -> str:
-    """The data role of a teacher's input: "teacher" for the one-teacher shorthand, else
-    "teacher_NAME" (each teacher gets its own preprocessing of the batch)."""
-    return "teacher" if name == "teacher" else f"teacher_{name}"
 
 
 class LiveTeacher:
@@ -83,6 +78,7 @@ class StoredTeacher:
         self.teacher = teacher
         self.cfg = cfg
         self.name = name
+        self.slot = teacher_slot(name)
         store = cfg.distill.store
         self.augmented = teacher.make_preprocessor().randomized_in_training
         views = store.views or 1
@@ -146,7 +142,7 @@ class StoredTeacher:
                 batch_size=datamodule.eval_batch_size,
                 device=device,
                 num_workers=datamodule.num_workers,
-                label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
+                label=f" ({split})" if self.slot.name == SHORTHAND else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
@@ -154,9 +150,7 @@ class StoredTeacher:
                 self.build_seconds[split] = seconds
         if self.build_seconds:
             total = sum(self.build_seconds.values())
-            metric = "time/store_build_s"
-            if self.name != "teacher":
-                metric = f"time/{self.name}/store_build_s"
+            metric = f"time/{self.slot.metric_prefix}store_build_s"
             for logger in trainer.loggers:  # every logger, not only the first
                 logger.log_metrics({metric: total}, step=0)
 
@@ -208,7 +202,7 @@ def make_teacher_source(
         return None
     if cfg.distill.store.views is not None or cfg.distill.cache:
         return StoredTeacher(teacher, cfg, name, features)
-    return LiveTeacher(teacher, cfg.run.seed, teacher_role(name), features)
+    return LiveTeacher(teacher, cfg.run.seed, teacher_slot(name).role, features)
 
 
 def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter]) -> None:
@@ -219,11 +213,11 @@ def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter])
         settings = teacher.make_preprocessor().augmentation()
         if not settings:
             continue
-        teacher_key = "teacher" if name == "teacher" else f"teachers.{name}"
+        teacher_key = teacher_slot(name).key
         for role, student in students.items():
             theirs = student.make_preprocessor().augmentation()
             if student.modality == teacher.modality and theirs is not None and theirs != settings:
-                student_key = "student" if role == "student" else f"extra_students.{role}"
+                student_key = student_slot(role).key
                 raise ConfigError(
                     f"{student_key}: its training views ({theirs or 'none'}) differ from "
                     f"{teacher_key}'s ({settings}); give both the same augmentation settings "

@@ -48,7 +48,7 @@ from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
-from mmkd.teacher_source import check_student_views, fit_view_policy, teacher_role
+from mmkd.teacher_source import check_student_views, fit_view_policy
 
 log = logging.getLogger("mmkd")
 
@@ -166,12 +166,13 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
     module = DistillModule(cfg, teachers, students, splits.class_names, prompts)
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
+    slots = module.teacher_slots
     for name, teacher in teachers.items():
-        test_pre[teacher_role(name)] = teacher.make_preprocessor()
+        test_pre[slots[name].role] = teacher.make_preprocessor()
     used = [(name, module.teacher_sources[name]) for name in teachers if module.teacher_used(name)]
     # training reads a teacher's input only when it runs live (stored outputs need none)
-    unread = {teacher_role(name) for name in teachers} - {
-        teacher_role(name) for name, source in used if source.needs_input
+    unread = {slots[name].role for name in teachers} - {
+        slots[name].role for name, source in used if source.needs_input
     }
     fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
@@ -217,10 +218,9 @@ def finish(
     class_names = datamodule.splits.class_names
     if cfg.run.export:
         for role, student in module.students.items():
-            folder = "student" if role == "student" else f"student_{role}"
             export_model(
                 student,
-                run_dir / folder,
+                run_dir / module.student_slots[role].export_folder,
                 class_names=class_names,
                 class_embeddings=module.class_embeddings,
             )
@@ -228,7 +228,7 @@ def finish(
     metrics: dict[str, float] = {}
     if cfg.run.test:
         models = dict(module.students.items())
-        models.update({teacher_role(name): t for name, t in module.teachers.items()})
+        models.update({module.teacher_slots[n].role: t for n, t in module.teachers.items()})
         metrics = evaluate_models(
             models,
             datamodule.test_dataloader(),

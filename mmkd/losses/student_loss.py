@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from mmkd.roles import Slot
+
 from .base import FeatureTarget, Gather
 from .term_set import DistillLoss
 
@@ -104,16 +106,12 @@ def build_student_loss(
     sections: Iterable[tuple[str, DictConfig, str, str | None]],
     student: Any,
     teachers: Mapping[str, Any],
-    *,
-    student_key: str,
-    teacher_keys: Mapping[str, str],
-    prefixes: Mapping[str, str],
-    role: str = "student",
+    slot: Slot,
+    teacher_slots: Mapping[str, Slot],
 ) -> StudentLoss:
-    """A student's loss groups from the (config key, losses section, scope, teacher name)
-    `sections` (None: the label terms), freezing the head parts no term trains.
-
-    `teacher_keys` / `prefixes`: each teacher's config key and metric prefix, by name."""
+    """The loss groups of the student in `slot` from the (config key, losses section, scope,
+    teacher name) `sections` (None: the label terms), freezing the head parts no term trains.
+    The teachers' slots give their config keys (in errors) and metric prefixes."""
     groups = {}
     for key, section, scope, name in sections:
         teacher = teachers.get(name) if name else None
@@ -125,11 +123,12 @@ def build_student_loss(
             student=student,
             teacher=teacher,
             key=key,
-            student_key=student_key,
-            teacher_key=teacher_keys.get(name, "teacher") if name else "teacher",
+            student_key=slot.key,
+            teacher_key=teacher_slots[name].key if name else "teacher",
         )
         if loss.terms:
             groups[name or LABELS] = loss
+    prefixes = {name: teacher_slot.metric_prefix for name, teacher_slot in teacher_slots.items()}
     loss = StudentLoss(groups, prefixes)
-    freeze_unused_head(student, loss, role)
+    freeze_unused_head(student, loss, slot.name)
     return loss
