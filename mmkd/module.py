@@ -133,10 +133,6 @@ class DistillModule(pl.LightningModule):
         """Whether any loss term reads teacher `name`."""
         return any(loss.uses_teacher(name) for loss in self.losses.values())
 
-    @property
-    def uses_teacher(self) -> bool:
-        return any(self.teacher_used(name) for name in self.teachers)
-
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillModule:
         super()._apply(fn, *args, **kwargs)
         for teacher in self.teachers.values():
