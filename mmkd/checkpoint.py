@@ -1,5 +1,5 @@
 """Checkpoint handling beyond Lightning's defaults: atomic verified saves, safe loading, RNG
-state, saving on signals.
+state (`ResumeRandomState`), saving on signals.
 
 Saving (`SafeCheckpointIO.save_checkpoint`): the checkpoint is serialised in memory, the free
 space of its folder checked against its size, then it is written to a temporary file in the
@@ -252,3 +252,29 @@ class CheckpointOnInterrupt(pl.Callback):
             trainer.current_epoch,
             trainer.global_step,
         )
+
+
+class ResumeRandomState(pl.Callback):
+    """Saves every RNG's state in each checkpoint (its top-level `mmkd_rng` entry) and restores
+    it on resume just before the first training batch: after the data loader has drawn its
+    seeds, so the resumed run draws exactly what the interrupted one would have."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["mmkd_rng"] = rng_state()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.pending = checkpoint.get("mmkd_rng")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.pending is not None:
+            set_rng_state(self.pending)
+            self.pending = None

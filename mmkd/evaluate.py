@@ -30,12 +30,11 @@ from mmkd.config.compose import compose_saved, describe_config_error
 from mmkd.data import build_splits
 from mmkd.data.module import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
-from mmkd.export import STUDENT, export_folder, load_exported, run_exports
+from mmkd.export import STUDENT, export_folder, load_exported
 from mmkd.io import write_json
 from mmkd.metrics import collect, compute_metrics, model_costs
-from mmkd.models import teacher_keys
 from mmkd.plots import plot_evaluation
-from mmkd.teacher_source import teacher_role
+from mmkd.roles import MAIN_STUDENT, is_teacher_role, student_slots, teacher_slots
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def evaluate_models(
     """Metrics (and, with `out_dir`, plots) of `models` on `loader`. Used after training and by
     the command line, so a run's metrics.json and a later evaluation share their keys."""
     collected = collect(models, loader, class_embeddings, device)
-    teachers = [role for role in models if role == "teacher" or role.startswith("teacher_")]
+    teachers = [role for role in models if is_teacher_role(role)]
     metrics = compute_metrics(collected, len(class_names), teachers)
     if out_dir is not None:
         plot_evaluation(collected, class_names, out_dir)
@@ -79,14 +78,18 @@ def load_run_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 def load_run_models(run_dir: Path, cfg: DictConfig) -> tuple[dict[str, Adapter], Tensor | None]:
     """The exported students of a run, plus its teacher when that can still be built."""
-    students = {role: load_exported(folder) for role, folder in run_exports(run_dir).items()}
+    students = {
+        slot.role: load_exported(run_dir / slot.export_folder)
+        for slot in student_slots(cfg).values()
+        if slot.name == MAIN_STUDENT or (run_dir / slot.export_folder).is_dir()
+    }
     models: dict[str, Adapter] = {role: e.model for role, e in students.items()}
-    for name, key in teacher_keys(cfg).items():
+    for slot in teacher_slots(cfg).values():
         try:
-            models[teacher_role(name)] = build_adapter(OmegaConf.select(cfg, key), key=key).eval()
+            models[slot.role] = build_adapter(OmegaConf.select(cfg, slot.key), key=slot.key).eval()
         except (MMKDError, OSError) as err:
-            log.warning("%s not evaluated (%s)", key, err)
-    return models, students[STUDENT].class_embeddings
+            log.warning("%s not evaluated (%s)", slot.key, err)
+    return models, students[MAIN_STUDENT].class_embeddings
 
 
 def slug(overrides: Sequence[str]) -> str:

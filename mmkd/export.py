@@ -37,6 +37,7 @@ from mmkd import __version__
 from mmkd.cli import command_parser
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.io import atomic_dir, atomic_path, load_state_file, save_state, sha256_file
+from mmkd.roles import MAIN_STUDENT, student_slot
 
 if TYPE_CHECKING:
     from mmkd.adapters import Adapter, AdapterOutput, Preprocessor
@@ -45,12 +46,13 @@ SPEC = "adapter.yaml"
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
-STUDENT = "student"  # a run's folder for the student; its extra students go to student_NAME
+STUDENT = MAIN_STUDENT  # a run's folder for the student; its extra students go to student_NAME
 
 
 def export_folder(run_dir: str | Path, role: str) -> Path:
-    """Where a run exports the student of data role `role` ("student" or an extra student)."""
-    return Path(run_dir) / (STUDENT if role == STUDENT else f"{STUDENT}_{role}")
+    """Where a run exports the student of data role `role` ("student" or an extra student):
+    the folder its slot names (mmkd.roles)."""
+    return Path(run_dir) / student_slot(role).export_folder
 
 
 def run_exports(run_dir: str | Path) -> dict[str, Path]:

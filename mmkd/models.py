@@ -19,28 +19,9 @@ from mmkd.config.validate import adapter_specs
 from mmkd.data.base import DatasetSplits
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.export import SPEC, load_export_spec
+from mmkd.roles import student_slots, teacher_slots
 
 log = logging.getLogger(__name__)
-
-RESERVED_ROLES = ("teacher", "student")  # and teacher_NAME: the inputs of named teachers
-
-
-def student_roles(cfg: DictConfig) -> dict[str, str]:
-    """role -> config key of every student, e.g. {"student": "student", "image":
-    "extra_students.image"}."""
-    roles = {"student": "student"}
-    for name in cfg.extra_students:
-        if (
-            name in RESERVED_ROLES
-            or str(name).startswith("teacher_")
-            or not str(name).isidentifier()
-        ):
-            raise ConfigError(
-                f"extra_students.{name}: name must be an identifier other than "
-                f"{' or '.join(RESERVED_ROLES)}"
-            )
-        roles[str(name)] = f"extra_students.{name}"
-    return roles
 
 
 def exported_spec(weights: str, key: str) -> DictConfig | None:
@@ -130,14 +111,6 @@ def check_modalities(cfg: DictConfig, available: tuple[str, ...]) -> None:
             )
 
 
-def teacher_keys(cfg: DictConfig) -> dict[str, str]:
-    """teacher name -> config key: {"teacher": "teacher"} for the one-teacher shorthand, else
-    {"NAME": "teachers.NAME"}."""
-    if cfg.teacher is not None:
-        return {"teacher": "teacher"}
-    return {str(name): f"teachers.{name}" for name in cfg.teachers}
-
-
 def build_models(
     cfg: DictConfig, splits: DatasetSplits
 ) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
@@ -149,21 +122,22 @@ def build_models(
     check_modalities(cfg, splits.modalities)
     resolve_classes(cfg, splits.num_classes)
     teachers: dict[str, Adapter] = {}
-    for name, key in teacher_keys(cfg).items():
-        teacher = build_adapter(OmegaConf.select(cfg, key), key=key)
+    teacher_slot_of = teacher_slots(cfg)
+    for name, slot in teacher_slot_of.items():
+        teacher = build_adapter(OmegaConf.select(cfg, slot.key), key=slot.key)
         teacher.requires_grad_(False)
         teacher.eval()
         teachers[name] = teacher
     first = next(iter(teachers.values()), None)
-    keys = student_roles(cfg)
+    student_slot_of = student_slots(cfg)
     students: dict[str, Adapter] = {}
-    for role, key in keys.items():
-        spec = OmegaConf.select(cfg, key)
+    for name, slot in student_slot_of.items():
+        spec = OmegaConf.select(cfg, slot.key)
         if spec.head.embed_dim is None and first is not None:
             spec.head.embed_dim = first.embed_dim  # the (first) teacher's space
-        students[role] = build_adapter(spec, key=key)
-    models = {key: teachers[name] for name, key in teacher_keys(cfg).items()}
-    models.update({key: students[role] for role, key in keys.items()})
+        students[name] = build_adapter(spec, key=slot.key)
+    models = {slot.key: teachers[name] for name, slot in teacher_slot_of.items()}
+    models.update({slot.key: students[name] for name, slot in student_slot_of.items()})
     for key, model in models.items():  # `features` asked for in a spec: names checked now
         model.check_features(list(model.spec.features), f"{key}.features")
     return teachers, students

@@ -4,9 +4,11 @@ Teachers are deliberately *not* registered submodules: they never reach the opti
 DDP/FSDP wrapping or checkpoints, and `train()` cannot switch them out of eval mode. They still
 follow the module across devices and dtypes (see `_apply`).
 
-Each student has one `DistillLoss` per teacher (that teacher's terms, with their own learned
-parts) and one for the label terms; metrics are named `train/[ROLE/][TEACHER/]TERM` (the
-one-teacher shorthand and label terms carry no teacher name).
+The module runs the steps; the rest lives where it belongs: each student's loss groups are
+assembled by `mmkd.losses.build_student_loss` (one `DistillLoss` per teacher and one for the
+label terms; metrics `train/[ROLE/][TEACHER/]TERM`), the optimizer and schedule come from
+`mmkd.optim`, and the callbacks of `configure_callbacks` build the teacher stores
+(`BuildTeacherStores`) and carry the RNG state through checkpoints (`ResumeRandomState`).
 """
 
 from __future__ import annotations
@@ -20,64 +22,35 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
 
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
-from mmkd.checkpoint import rng_state, set_rng_state
+from mmkd.checkpoint import ResumeRandomState
 from mmkd.config.validate import loss_sections
-from mmkd.errors import ConfigError, MMKDError
-from mmkd.losses import DistillLoss, FeatureTarget, Gather, distributed_gather, local_gather
+from mmkd.errors import MMKDError
+from mmkd.losses import (
+    FeatureTarget,
+    Gather,
+    build_student_loss,
+    distributed_gather,
+    local_gather,
+)
+from mmkd.optim import make_optimizer, make_scheduler
+from mmkd.roles import SHORTHAND, student_slot, teacher_slot
 from mmkd.store import TeacherTargets
-from mmkd.teacher_source import TeacherSource, make_teacher_source
+from mmkd.teacher_source import (
+    BuildTeacherStores,
+    StoredTeacher,
+    TeacherSource,
+    check_same_views,
+    make_teacher_source,
+)
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
-
-
-LABELS = "labels"  # the loss group of the terms that use no teacher (with several teachers)
-SHORTHAND = "teacher"  # the name of the one teacher of `teacher=...`
-
-
-def freeze_unused_head(student: Adapter, losses: list[DistillLoss], role: str) -> None:
-    """Freeze the head parts no loss term trains (they would stay random, and DDP refuses
-    parameters that receive no gradient)."""
-    outputs = set().union(*(loss.student_outputs() for loss in losses))
-    uses_logits = "logits" in outputs
-    uses_embedding = "embedding" in outputs
-    head = student.head
-    if head.classifier is not None and not uses_logits:
-        log.info("%s: no loss term uses class logits; its classifier is frozen", role)
-        head.classifier.requires_grad_(False)
-    if not uses_embedding and any(True for _ in head.proj.parameters()):
-        log.info("%s: no loss term uses the embedding; its projection is frozen", role)
-        head.proj.requires_grad_(False)
-
-
-def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter]) -> None:
-    """A teacher whose training input is augmented sees view v of a sample; a student of the same
-    modality must draw the same view (the same settings), or it learns the teacher's outputs on
-    other inputs. Compared where both preprocessors say their settings (text views)."""
-    for name, teacher in teachers.items():
-        settings = teacher.make_preprocessor().augmentation()
-        if not settings:
-            continue
-        teacher_key = "teacher" if name == SHORTHAND else f"teachers.{name}"
-        for role, student in students.items():
-            theirs = student.make_preprocessor().augmentation()
-            if student.modality == teacher.modality and theirs is not None and theirs != settings:
-                student_key = "student" if role == "student" else f"extra_students.{role}"
-                raise ConfigError(
-                    f"{student_key}: its training views ({theirs or 'none'}) differ from "
-                    f"{teacher_key}'s ({settings}); give both the same augmentation settings "
-                    "(e.g. the same text.augment), so the student reads the view the teacher saw"
-                )
 
 
 class DistillModule(pl.LightningModule):
@@ -104,11 +77,20 @@ class DistillModule(pl.LightningModule):
         for teacher in self.teachers.values():
             teacher.requires_grad_(False).eval()
         check_same_views(self.teachers, students)
+        self.teacher_slots = {name: teacher_slot(name) for name in self.teachers}
+        self.student_slots = {name: student_slot(name) for name in students}
         self.losses = nn.ModuleDict(
-            {role: self.build_losses(cfg, role, student) for role, student in students.items()}
+            {
+                role: build_student_loss(
+                    loss_sections(cfg, SHORTHAND in self.teachers),
+                    student,
+                    self.teachers,
+                    self.student_slots[role],
+                    self.teacher_slots,
+                )
+                for role, student in students.items()
+            }
         )
-        for role, student in students.items():
-            freeze_unused_head(student, list(self.losses[role].values()), role)
         self.class_names = list(class_names or [])
         self.class_prompts = list(class_prompts or [])
         # zero-shot classifier: the teacher's embeddings of the class prompts (text teachers)
@@ -120,7 +102,6 @@ class DistillModule(pl.LightningModule):
             else {}
         )
         self.skip_step = False  # set when a non-finite loss is skipped (nonfinite_loss=skip)
-        self._pending_rng: dict[str, Any] | None = None  # RNG state from a resumed checkpoint
         self._compiled = False
         # where each teacher's outputs come from: a live forward pass or the teacher store,
         # with the features its terms read for every student
@@ -129,48 +110,15 @@ class DistillModule(pl.LightningModule):
             for name, teacher in self.teachers.items()
         }
 
-    def build_losses(self, cfg: DictConfig, role: str, student: Adapter) -> nn.ModuleDict:
-        """One DistillLoss per teacher (its terms) and one for the label terms."""
-        student_key = "student" if role == "student" else f"extra_students.{role}"
-        groups = {}
-        for key, section, scope, name in loss_sections(cfg, SHORTHAND in self.teachers):
-            group = name or LABELS
-            teacher = self.teachers.get(name) if name else None
-            loss = DistillLoss(
-                section,
-                student.embed_dim,
-                teacher.embed_dim if teacher is not None else None,
-                scope,
-                student=student,
-                teacher=teacher,
-                key=key,
-                student_key=student_key,
-                teacher_key="teacher" if name == SHORTHAND else f"teachers.{name}",
-            )
-            if loss.terms:
-                groups[group] = loss
-        return nn.ModuleDict(groups)
-
     def teacher_features(self, name: str) -> tuple[FeatureTarget, ...]:
         """The layers of teacher `name` that its terms read, for every student."""
-        wanted = [
-            target
-            for groups in self.losses.values()
-            if name in groups
-            for target in groups[name].teacher_features()
-        ]
+        wanted = [target for loss in self.losses.values() for target in loss.teacher_features(name)]
         return tuple(dict.fromkeys(wanted))
 
     @property
     def teacher(self) -> Adapter | None:
         """The teacher, when there is exactly one."""
         return next(iter(self.teachers.values())) if len(self.teachers) == 1 else None
-
-    @property
-    def teacher_source(self) -> TeacherSource | None:
-        """The teacher source, when there is exactly one teacher."""
-        sources = list(self.teacher_sources.values())
-        return sources[0] if len(sources) == 1 else None
 
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
@@ -183,11 +131,7 @@ class DistillModule(pl.LightningModule):
     # ------------------------------------------------------------------ teacher handling
     def teacher_used(self, name: str) -> bool:
         """Whether any loss term reads teacher `name`."""
-        return any(name in groups and groups[name].uses_teacher for groups in self.losses.values())
-
-    @property
-    def uses_teacher(self) -> bool:
-        return any(self.teacher_used(name) for name in self.teachers)
+        return any(loss.uses_teacher(name) for loss in self.losses.values())
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillModule:
         super()._apply(fn, *args, **kwargs)
@@ -223,9 +167,16 @@ class DistillModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.compute_class_embeddings()
-        for name, source in self.teacher_sources.items():
-            if self.teacher_used(name):
-                source.setup(self)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """What fitting this module needs besides the steps: its RNG state in checkpoints, and
+        the stores of its used stored teachers built when fitting starts."""
+        stores = [
+            source
+            for name, source in self.teacher_sources.items()
+            if isinstance(source, StoredTeacher) and self.teacher_used(name)
+        ]
+        return [ResumeRandomState(), BuildTeacherStores(stores)]
 
     # ------------------------------------------------------------------ steps
     def student_losses(
@@ -234,33 +185,14 @@ class DistillModule(pl.LightningModule):
         teachers: dict[str, TeacherTargets],
         gather: Gather,
         epoch: float = 0.0,
-    ) -> Iterator[tuple[str, AdapterOutput, dict[str, Tensor]]]:
-        """(role, output, {metric suffix: term}) for every student on this batch; `epoch` is
+    ) -> Iterator[tuple[str, AdapterOutput, dict[str, dict[str, Tensor]]]]:
+        """(role, output, {group: {term: value}}) for every student on this batch; `epoch` is
         the training progress (terms that warm up read it)."""
         labels = batch.get("labels")
         for role, student in self.students.items():
-            groups = self.losses[role]
-            layers = list(
-                dict.fromkeys(n for loss in groups.values() for n in loss.student_layers())
-            )
-            out = student(batch["inputs"][role], layers=layers)
-            terms: dict[str, Tensor] = {}
-            for group, loss in groups.items():
-                teacher = teachers.get(group)
-                values = loss(
-                    out.embedding,
-                    out.logits,
-                    teacher.embedding if teacher else None,
-                    teacher.logits if teacher else None,
-                    labels,
-                    gather,
-                    student_layers=out.layers,
-                    teacher_features=teacher.features if teacher else None,
-                    epoch=epoch,
-                )
-                for term, value in values.items():
-                    terms[self._term_name(group, term)] = value
-            yield role, out, terms
+            loss = self.losses[role]
+            out = student(batch["inputs"][role], layers=loss.student_layers())
+            yield role, out, loss(out, teachers, labels, gather, epoch)
 
     def epoch_progress(self, batch_idx: int) -> float:
         """Training progress in epochs at this batch (1.5: halfway through the second), for
@@ -272,21 +204,8 @@ class DistillModule(pl.LightningModule):
             return float(self.current_epoch)
         return self.current_epoch + batch_idx / batches
 
-    @staticmethod
-    def _term_name(group: str, term: str) -> str:
-        return term if group in (SHORTHAND, LABELS) else f"{group}/{term}"
-
-    def role_total(self, role: str, terms: dict[str, Tensor]) -> Tensor:
-        """The weighted sum of a student's terms (named as `student_losses` names them)."""
-        total = 0.0
-        for group, loss in self.losses[role].items():
-            for term, weight in loss.weights.items():
-                total = total + weight * terms[self._term_name(group, term)]
-        return total  # type: ignore[return-value]
-
-    @staticmethod
-    def _name(stage: str, role: str, term: str) -> str:
-        return f"{stage}/{term}" if role == "student" else f"{stage}/{role}/{term}"
+    def _name(self, stage: str, role: str, term: str) -> str:
+        return f"{stage}/{self.student_slots[role].metric_prefix}{term}"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.log_skipped(batch, "train")
@@ -297,9 +216,9 @@ class DistillModule(pl.LightningModule):
         if size:
             progress = self.epoch_progress(batch_idx)
             for role, _, terms in self.student_losses(batch, teacher, distributed_gather, progress):
-                for term, value in terms.items():
+                for term, value in self.losses[role].named(terms).items():
                     named[self._name("train", role, term)] = value
-                role_total = self.role_total(role, terms)
+                role_total = self.losses[role].total(terms)
                 total = role_total if total is None else total + role_total
         if total is None:  # every sample of the batch was skipped
             total = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
@@ -365,51 +284,27 @@ class DistillModule(pl.LightningModule):
         # validation follows the epoch just trained: a warmed-up term counts as at its end
         progress = float(self.current_epoch + 1)
         for role, out, terms in self.student_losses(batch, teacher, local_gather, progress):
-            total = total + self.role_total(role, terms)
+            total = total + self.losses[role].total(terms)
             preds = class_scores(out, self.class_embeddings)
             if role in self.val_accuracy and preds is not None and labels is not None:
                 self.val_accuracy[role].update(preds, labels)
-                name = "val/accuracy" if role == "student" else f"val/{role}/accuracy"
-                self.log(name, self.val_accuracy[role], prog_bar=role == "student", batch_size=size)
+                prefix = self.student_slots[role].metric_prefix
+                self.log(
+                    f"val/{prefix}accuracy",
+                    self.val_accuracy[role],
+                    prog_bar=not prefix,
+                    batch_size=size,
+                )
         self.log("val/loss", total, prog_bar=True, sync_dist=True, batch_size=size)
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmkd_rng"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # restored just before the next training batch, after the data loader has drawn its
-        # seeds: the resumed run then draws exactly what the interrupted one would have
-        self._pending_rng = checkpoint.get("mmkd_rng")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.cfg.optim
-        decay, no_decay = [], []
-        for param in self.parameters():  # students and loss parameters; never the teacher
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if optim.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
-        else:
-            optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * optim.warmup_fraction)
-        if optim.scheduler == "cosine":
-            scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-                optimizer, warmup, total, min_lr_rate=optim.min_lr_ratio
-            )
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        """timm's optimizer over the students and loss parameters (never the teachers), and the
+        warmup schedule stepped every step (mmkd.optim)."""
+        optimizer = make_optimizer(self, self.cfg.optim)
+        scheduler = make_scheduler(
+            optimizer, self.cfg.optim, int(self.trainer.estimated_stepping_batches)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -1,8 +1,9 @@
 """Where the teacher's outputs for a batch come from: a live forward pass, or the teacher store.
 
-`DistillModule` only asks `source.targets(batch, split)`; the source owns building and opening
-the store (global rank 0 builds, every rank waits at a barrier, then reads it memory-mapped) and
-says which augmented view each training sample must be replayed as (`view_policy`).
+`DistillModule` only asks `source.targets(batch, split)`; a stored source owns building and
+opening the store (every process builds its share of the chunks, then reads it memory-mapped),
+which the `BuildTeacherStores` callback triggers when fitting starts, and says which augmented
+view each training sample must be replayed as (`view_policy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mmkd.adapters import Adapter
 from mmkd.errors import ConfigError
 from mmkd.losses import FeatureTarget
 from mmkd.replay import ViewPolicy
+from mmkd.roles import SHORTHAND, student_slot, teacher_slot
 from mmkd.store import (
     Collective,
     StoreBuilder,
@@ -33,12 +35,6 @@ from mmkd.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def teacher_role(name: str) -> str:
-    """The data role of a teacher's input: "teacher" for the one-teacher shorthand, else
-    "teacher_NAME" (each teacher gets its own preprocessing of the batch)."""
-    return "teacher" if name == "teacher" else f"teacher_{name}"
 
 
 class LiveTeacher:
@@ -61,9 +57,6 @@ class LiveTeacher:
     def view_policy(self) -> ViewPolicy:
         return ViewPolicy(seed=self.run_seed)  # a new view every epoch
 
-    def setup(self, module: pl.LightningModule) -> None:
-        """Nothing to prepare."""
-
     @torch.no_grad()
     def targets(self, batch: dict[str, Any], split: str) -> TeacherTargets:
         return teacher_outputs(self.teacher, batch["inputs"][self.role], self.features)
@@ -85,6 +78,7 @@ class StoredTeacher:
         self.teacher = teacher
         self.cfg = cfg
         self.name = name
+        self.slot = teacher_slot(name)
         store = cfg.distill.store
         self.augmented = teacher.make_preprocessor().randomized_in_training
         views = store.views or 1
@@ -118,11 +112,9 @@ class StoredTeacher:
             draw_seed=self.cfg.run.seed,
         )
 
-    def setup(self, module: pl.LightningModule) -> None:
-        """Build (every process its share of the chunks) or find, then open, the train and val
-        entries."""
-        trainer = module.trainer
-        datamodule = trainer.datamodule
+    def setup(self, trainer: pl.Trainer, datamodule: Any, device: torch.device) -> None:
+        """Build (every process its share of the chunks, the teacher on `device`) or find, then
+        open, the train and val entries of `datamodule`'s splits."""
         cfg = self.cfg
         root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
         for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
@@ -148,9 +140,9 @@ class StoredTeacher:
                 spec,
                 augmented=train,
                 batch_size=datamodule.eval_batch_size,
-                device=module.device,
+                device=device,
                 num_workers=datamodule.num_workers,
-                label=f" ({split})" if self.name == "teacher" else f" ({self.name}, {split})",
+                label=f" ({split})" if self.slot.name == SHORTHAND else f" ({self.name}, {split})",
             )
             folder, seconds = open_or_build(root, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
@@ -158,9 +150,7 @@ class StoredTeacher:
                 self.build_seconds[split] = seconds
         if self.build_seconds:
             total = sum(self.build_seconds.values())
-            metric = "time/store_build_s"
-            if self.name != "teacher":
-                metric = f"time/{self.name}/store_build_s"
+            metric = f"time/{self.slot.metric_prefix}store_build_s"
             for logger in trainer.loggers:  # every logger, not only the first
                 logger.log_metrics({metric: total}, step=0)
 
@@ -174,6 +164,19 @@ class StoredTeacher:
 
 
 TeacherSource = LiveTeacher | StoredTeacher
+
+
+class BuildTeacherStores(pl.Callback):
+    """Builds or opens the stores of `stores` when fitting starts: the teacher is then on the
+    training device and the processes can meet at a barrier (not yet in the DataModule's
+    `setup`)."""
+
+    def __init__(self, stores: list[StoredTeacher]) -> None:
+        self.stores = stores
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for store in self.stores:
+            store.setup(trainer, trainer.datamodule, pl_module.device)
 
 
 def collective(trainer: pl.Trainer) -> Collective:
@@ -199,7 +202,27 @@ def make_teacher_source(
         return None
     if cfg.distill.store.views is not None or cfg.distill.cache:
         return StoredTeacher(teacher, cfg, name, features)
-    return LiveTeacher(teacher, cfg.run.seed, teacher_role(name), features)
+    return LiveTeacher(teacher, cfg.run.seed, teacher_slot(name).role, features)
+
+
+def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter]) -> None:
+    """A teacher whose training input is augmented sees view v of a sample; a student of the same
+    modality must draw the same view (the same settings), or it learns the teacher's outputs on
+    other inputs. Compared where both preprocessors say their settings (text views)."""
+    for name, teacher in teachers.items():
+        settings = teacher.make_preprocessor().augmentation()
+        if not settings:
+            continue
+        teacher_key = teacher_slot(name).key
+        for role, student in students.items():
+            theirs = student.make_preprocessor().augmentation()
+            if student.modality == teacher.modality and theirs is not None and theirs != settings:
+                student_key = student_slot(role).key
+                raise ConfigError(
+                    f"{student_key}: its training views ({theirs or 'none'}) differ from "
+                    f"{teacher_key}'s ({settings}); give both the same augmentation settings "
+                    "(e.g. the same text.augment), so the student reads the view the teacher saw"
+                )
 
 
 def check_student_views(sources: list[TeacherSource], students: dict[str, Adapter]) -> None:

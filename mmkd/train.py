@@ -40,16 +40,17 @@ from mmkd.data import build_splits, dataset_sections
 from mmkd.data.base import class_prompts
 from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
+from mmkd.data.resume import TrackTrainedBatches
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
-from mmkd.export import export_folder, export_model
+from mmkd.export import export_model
 from mmkd.io import check_free_space, write_json, write_text
 from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_csv_log
 from mmkd.models import build_models
 from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
-from mmkd.teacher_source import check_student_views, fit_view_policy, teacher_role
+from mmkd.teacher_source import check_student_views, fit_view_policy
 
 log = logging.getLogger("mmkd")
 
@@ -129,7 +130,13 @@ def build_trainer(
             **kwargs,
             **extra,
             default_root_dir=str(run_dir),
-            callbacks=[checkpoint, EpochTimer(), LogRunConfig(cfg), *callbacks],
+            callbacks=[
+                checkpoint,
+                EpochTimer(),
+                LogRunConfig(cfg),
+                TrackTrainedBatches(),  # the loader's place in the epoch, for checkpoints
+                *callbacks,
+            ],
             plugins=[SafeCheckpointIO()],
             logger=build_loggers(cfg, run_dir),
         )
@@ -151,12 +158,13 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
     module = DistillModule(cfg, teachers, students, splits.class_names, prompts)
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
+    slots = module.teacher_slots
     for name, teacher in teachers.items():
-        test_pre[teacher_role(name)] = teacher.make_preprocessor()
+        test_pre[slots[name].role] = teacher.make_preprocessor()
     used = [(name, module.teacher_sources[name]) for name in teachers if module.teacher_used(name)]
     # training reads a teacher's input only when it runs live (stored outputs need none)
-    unread = {teacher_role(name) for name in teachers} - {
-        teacher_role(name) for name, source in used if source.needs_input
+    unread = {slots[name].role for name in teachers} - {
+        slots[name].role for name, source in used if source.needs_input
     }
     fit_pre = {role: pre for role, pre in test_pre.items() if role not in unread}
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
@@ -204,7 +212,7 @@ def finish(
         for role, student in module.students.items():
             export_model(
                 student,
-                export_folder(run_dir, role),
+                run_dir / module.student_slots[role].export_folder,
                 class_names=class_names,
                 class_embeddings=module.class_embeddings,
             )
@@ -212,7 +220,7 @@ def finish(
     metrics: dict[str, float] = {}
     if cfg.run.test:
         models = dict(module.students.items())
-        models.update({teacher_role(name): t for name, t in module.teachers.items()})
+        models.update({module.teacher_slots[n].role: t for n, t in module.teachers.items()})
         metrics = evaluate_models(
             models,
             datamodule.test_dataloader(),

@@ -203,5 +203,7 @@ def test_two_teachers_train_one_audio_student_from_their_stores(image_teacher, t
     assert {"train/image/kd", "train/image/attention", "train/text/contrastive"} <= columns
     assert {"time/image/store_build_s", "time/text/store_build_s"} <= columns
     assert "teacher_image/accuracy" in metrics and "student/accuracy" in metrics
+    # named teachers get agreement metrics, under their slot's role
+    assert 0 <= metrics["student/teacher_image_agreement"] <= 1
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["student/accuracy"] == metrics["student/accuracy"]

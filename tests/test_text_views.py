@@ -23,9 +23,9 @@ from mmkd.config.schema import LossesCfg
 from mmkd.data.module import RoleCollate, ViewedDataset
 from mmkd.errors import ConfigError, DataError
 from mmkd.losses import IGNORE_LABEL, DistillLoss
-from mmkd.module import check_same_views
 from mmkd.replay import replay_scope
 from mmkd.store import StoreBuilder, StoreSpec, TeacherStore, open_or_build, teacher_collate
+from mmkd.teacher_source import check_same_views
 
 TANG = {"text__augment__mask_prob": 0.1, "text__augment__ngram_prob": 0.25}
 SENTENCES = (

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,6 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from mmkd.adapters.base import Preprocessor
 from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
 from mmkd.data.decode_cache import decoded
+from mmkd.data.resume import ResumableLoader
 from mmkd.data.tokens import dataset_texts
 from mmkd.data.webdataset import ShardStream, StreamLoader
 from mmkd.data.workers import LoaderSettings, loader_settings
@@ -201,6 +202,7 @@ class ResumableBatchSampler(BatchSampler):
     index comes with its view in that epoch: batches are lists of (index, view)."""
 
     resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+    started: tuple[int, int] = (0, 0)  # (epoch, batches skipped) of the current pass
 
     def __init__(
         self,
@@ -209,10 +211,14 @@ class ResumableBatchSampler(BatchSampler):
         policy: ViewPolicy,
         size: int,
         lengths: list[int] | None = None,
+        pending: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.policy = policy
         self.size = size
+        # asked for a resume point when a pass starts without one (an init argument: Lightning
+        # rebuilds the batch sampler from them when it injects its distributed sampler)
+        self.pending = pending
         self.lengths = lengths  # per sample: batches of similar lengths (data.bucket_by_length)
 
     def batches(self, epoch: int) -> Iterator[list[int]]:
@@ -235,8 +241,17 @@ class ResumableBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         resume, self.resume = self.resume, None
+        if resume is None and self.pending is not None:
+            resume = self.pending()
+        if resume is not None and hasattr(self.sampler, "set_epoch"):
+            # the first pass after a restart can start before Lightning sets the sampler's
+            # epoch (loader workers draw their indices at once): take it from the resume point
+            epoch, done = resume
+            resume = (epoch + 1, 0) if done >= len(self) else resume
+            self.sampler.set_epoch(resume[0])
         epoch = getattr(self.sampler, "epoch", 0)
         skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self.started = (epoch, skip)
         views = self.policy.views_for(epoch, self.size)
         for position, batch in enumerate(self.batches(epoch)):
             if position >= skip:
@@ -248,6 +263,21 @@ def is_plain_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and not any(
         isinstance(item, torch.Tensor) for item in value
     )
+
+
+class SampledLoader(ResumableLoader):
+    """The training loader of a map-style split: its `ResumableBatchSampler` rebuilds the
+    epoch's order and skips the batches already done."""
+
+    batch_sampler: ResumableBatchSampler
+
+    def pass_start(self) -> tuple[int, int]:
+        return self.batch_sampler.started
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.resume is not None:  # from load_state_dict; read when the pass draws a batch
+            self.batch_sampler.resume = self.take_resume()
+        return super().__iter__()
 
 
 class DistillDataModule(pl.LightningDataModule):
@@ -384,16 +414,35 @@ class DistillDataModule(pl.LightningDataModule):
             )
         return texts
 
-    def _loader(
+    def _loader(self, dataset: Dataset, train: bool, test: bool = False) -> DataLoader:
+        """The loader of a split: a stream splits itself by rank and worker; a map-style split
+        is shuffled by (run.seed, epoch) and sharded by a sampler when training. Training
+        loaders are resumable (`ResumableLoader`: Lightning saves their place in checkpoints)."""
+        self.warm_tokens(dataset, test)
+        if self.num_workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if isinstance(dataset, ShardStream):
+            return self._stream_loader(dataset, train, test)
+        if not train:
+            return self._map_loader(dataset, train, test, batch_size=self.eval_batch_size)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
+        size = len(dataset)  # type: ignore[arg-type]
+        lengths = self.text_lengths() if self.cfg.bucket_by_length else None
+        batches = ResumableBatchSampler(
+            sampler, self.cfg.batch_size, self.views, size, lengths, pending=self._take_resume
+        )
+        return self._map_loader(ViewedDataset(dataset), train, test, batch_sampler=batches)
+
+    def _map_loader(
         self, dataset: Dataset, train: bool, test: bool = False, **sampling: Any
     ) -> DataLoader:
-        self.warm_tokens(dataset, test)
         workers = self.num_workers
-        if workers:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if not sampling:
-            sampling = {"batch_size": self.cfg.batch_size if train else self.eval_batch_size}
-        return DataLoader(
+        loader = SampledLoader if train else DataLoader
+        return loader(
             dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -412,16 +461,10 @@ class DistillDataModule(pl.LightningDataModule):
         the parts so every rank runs as many batches; the test split is read whole, once."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer and not test else (1, 0)
-        resume = None
-        if train:
-            resume, self._resume_at = self._resume_at, None
-        workers = self.num_workers
-        if workers:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         configured = stream.configured(
             rank=rank,
             world=world,
-            workers=workers,
+            workers=self.num_workers,
             batch_size=self.cfg.batch_size if train else self.eval_batch_size,
             shuffle=train,
             pad=not test,
@@ -429,26 +472,19 @@ class DistillDataModule(pl.LightningDataModule):
         return StreamLoader(
             configured,
             epoch_of=lambda: trainer.current_epoch if trainer else 0,
-            resume=resume,
-            num_workers=workers,
+            pending=self._take_resume if train else None,
+            num_workers=self.num_workers,
             collate_fn=self._collate(train, test),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by (run.seed, epoch) and sharded across processes, so any epoch's order can
-        be rebuilt after a restart; `load_state_dict` makes it skip the batches already done."""
-        if isinstance(self.train_set, ShardStream):
-            return self._stream_loader(self.train_set, train=True)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = DistributedSampler(
-            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-        )
-        size = len(self.train_set)  # type: ignore[arg-type]
-        lengths = self.text_lengths() if self.cfg.bucket_by_length else None
-        batches = ResumableBatchSampler(sampler, self.cfg.batch_size, self.views, size, lengths)
-        batches.resume, self._resume_at = self._resume_at, None
-        return self._loader(ViewedDataset(self.train_set), train=True, batch_sampler=batches)
+        """Any epoch's order can be rebuilt after a restart; the loader skips the batches the
+        interrupted epoch had done (`ResumableLoader`)."""
+        return self._loader(self.train_set, train=True)
+
+    def _take_resume(self) -> tuple[int, int] | None:
+        resume, self._resume_at = self._resume_at, None
+        return resume
 
     def text_lengths(self) -> list[int] | None:
         """Token count of every training text, by the first text preprocessor (for length
@@ -460,17 +496,18 @@ class DistillDataModule(pl.LightningDataModule):
             return None
         return [len(pre.tokenize(text)) if text else 0 for text in texts]
 
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands in the epoch (saved in every checkpoint)."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's place in the epoch (mmkd.data.resume says why it is kept here
+        as well as with the loader)."""
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return {"train_loader": loader.state_dict()} if isinstance(loader, ResumableLoader) else {}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state:  # applies only if training resumes inside that same epoch
-            self._resume_at = (state["epoch"], state["batches_done"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """For the next training loader; checkpoints saved before the loaders kept their place
+        hold the same two fields at the top level."""
+        place = state.get("train_loader", state)
+        if place:
+            self._resume_at = (int(place["epoch"]), int(place["batches_done"]))
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
@@ -486,11 +523,7 @@ class DistillDataModule(pl.LightningDataModule):
         }
 
     def val_dataloader(self) -> DataLoader:
-        if isinstance(self.val_set, ShardStream):
-            return self._stream_loader(self.val_set, train=False)
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        if isinstance(self.test_set, ShardStream):
-            return self._stream_loader(self.test_set, train=False, test=True)
         return self._loader(self.test_set, train=False, test=True)

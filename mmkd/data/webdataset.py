@@ -53,10 +53,11 @@ from typing import Any, ClassVar
 import numpy as np
 import webdataset as wds
 from omegaconf import ListConfig
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from mmkd.data.base import DatasetSplits, DataSettings, RawSample, Skipped, register_dataset
 from mmkd.data.decode import decode_audio, decode_image
+from mmkd.data.resume import ResumableLoader
 from mmkd.errors import ConfigError, DataError
 from mmkd.settings import Settings
 
@@ -437,7 +438,7 @@ class ShardStream(IterableDataset):
                         yield piece.offset + j, Skipped(f"{url}#{piece.start + j}", problem)
 
 
-class StreamLoader(DataLoader):
+class StreamLoader(ResumableLoader):
     """A DataLoader over a configured ShardStream. Its length is the stream's batches per rank;
     each pass fixes the epoch (from `epoch_of`, or from the resume point on the first pass after
     a restart) before the workers start. Workers are not persistent, so every epoch's workers
@@ -449,23 +450,30 @@ class StreamLoader(DataLoader):
         *,
         epoch_of: Callable[[], int],
         resume: tuple[int, int] | None = None,
+        pending: Callable[[], tuple[int, int] | None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(stream, batch_size=stream.batch_size, persistent_workers=False, **kwargs)
         self.epoch_of = epoch_of
         self.resume = resume  # (epoch, batches done) from a checkpoint
+        self.pending = pending  # asked for one at the start of a pass without `resume`
+        self.started = (0, 0)  # (epoch, batches skipped) of the current pass
 
     def __len__(self) -> int:
         return self.dataset.batches_per_rank()  # type: ignore[attr-defined]
 
+    def pass_start(self) -> tuple[int, int]:
+        return self.started
+
     def __iter__(self) -> Any:
         stream: ShardStream = self.dataset  # type: ignore[assignment]
-        resume, self.resume = self.resume, None
+        resume = self.take_resume()
         if resume is None:
             stream.epoch, stream.skip_batches = self.epoch_of(), 0
         else:  # Lightning starts this first pass before it restores its epoch counter
             epoch, done = resume
             stream.epoch, stream.skip_batches = (epoch + 1, 0) if done >= len(self) else resume
+        self.started = (stream.epoch, stream.skip_batches)
         try:  # the workers (or the in-process iterator) take their copy of the plan here
             return super().__iter__()
         finally:

@@ -19,12 +19,10 @@ from .base import (
     term_classes,
 )
 
-# which terms a DistillLoss builds: those on the teacher, those on the labels only, or all
-SCOPES = ("teacher", "labels", "all")
-
 
 def active_terms(cfg: DictConfig, scope: str = "all") -> list[type[LossTerm]]:
-    """The registered terms `cfg` (a losses section) switches on (weight > 0) in `scope`."""
+    """The registered terms `cfg` (a losses section) switches on (weight > 0) in `scope`:
+    "teacher" (the terms on a teacher), "labels" (those on the labels only) or "all"."""
     return [
         cls
         for cls in term_classes()
@@ -119,5 +117,10 @@ class DistillLoss(nn.Module):
         )
         return {name: term(inputs) for name, term in self.terms.items()}
 
-    def total(self, terms: dict[str, Tensor]) -> Tensor:
-        return sum(self.weights[name] * value for name, value in terms.items())  # type: ignore[return-value]
+    def total(self, terms: dict[str, Tensor], start: Tensor | float = 0.0) -> Tensor:
+        """`start + sum(weight[name] * term)`, added in the terms' order (a student's groups
+        chain their totals through `start`, so its sum runs in one order)."""
+        total = start
+        for name, weight in self.weights.items():
+            total = total + weight * terms[name]
+        return total  # type: ignore[return-value]

@@ -1,0 +1,99 @@
+"""The training loader's place in the epoch travels in the checkpoint (Lightning's loader
+`state_dict` / `load_state_dict`): a run stopped mid-epoch resumes bit-exact, without Lightning's
+"dataloader is not resumable" warning, also from a checkpoint saved before the loaders kept it."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tiny import tiny_overrides
+
+from mmkd.config import compose
+from mmkd.export import load_exported
+from mmkd.train import train
+
+OVERRIDES = [
+    "teacher=none",
+    "losses=supervised",
+    "data.train_labels=true",
+    *tiny_overrides("student", "audio_cnn"),
+    "student.head.classifier=true",
+    "student.cnn.dropout=0.3",  # draws from the RNG: resume must restore it
+    "data.demo.num_train=48",
+    "data.demo.num_val=8",
+    "data.demo.num_test=8",
+    "data.batch_size=8",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "run.checkpoint_every_n_steps=1",
+    "run.test=false",
+    "run.export=true",
+]  # 6 steps per epoch
+
+
+class Stopped(Exception):
+    pass
+
+
+class StopAt(pl.Callback):
+    """Ends the run like a kill at `step`: the last checkpoint is the one after step - 1."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Stopped
+
+
+def run(run_dir: Path, *extra: str, stop: int | None = None) -> list[str]:
+    """Train (resuming with run.resume=true); the warnings' messages."""
+    callbacks = [StopAt(stop)] if stop is not None else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            train(compose([*OVERRIDES, f"run.dir={run_dir}", *extra]), callbacks=callbacks)
+        except Stopped:
+            assert stop is not None
+    return [str(w.message) for w in caught]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_exported(run_dir / "student").model.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_mid_epoch_resume_is_bit_exact_without_the_not_resumable_warning(tmp_path, workers):
+    # with a worker, the resumed pass draws its indices before Lightning sets the epoch
+    whole = tmp_path / "whole"
+    run(whole, f"data.num_workers={workers}")
+    stopped = tmp_path / "stopped"
+    run(stopped, f"data.num_workers={workers}", stop=9)  # epoch 1, after 3 of its 6 batches
+    ckpt = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 9
+    place = {"epoch": 1, "batches_done": 3}
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [place]
+    assert ckpt["DistillDataModule"] == {"train_loader": place}  # Lightning issue #20550
+    # a checkpoint saved before the loaders kept their place: the DataModule held it
+    legacy = tmp_path / "legacy"
+    shutil.copytree(stopped, legacy)
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    ckpt["DistillDataModule"] = place
+    (legacy / "checkpoints" / "last.ckpt.sha256").unlink()
+    torch.save(ckpt, legacy / "checkpoints" / "last.ckpt")
+
+    caught = run(stopped, "run.resume=true", f"data.num_workers={workers}")
+    assert not [m for m in caught if "not resumable" in m], caught
+    expected = weights(whole)
+    for resumed in (stopped, legacy):
+        if resumed is legacy:
+            run(legacy, "run.resume=true", f"data.num_workers={workers}")
+        got = weights(resumed)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(v, got[k]) for k, v in expected.items()), resumed.name
