@@ -6,10 +6,10 @@ main process (loading and preprocessing a probe of samples, scaled to the batch 
 
 - one core: 0 workers;
 - training on the CPU: 0 workers. The training step already uses every core, so a worker would
-  only take cores from it and add the copy of every batch between processes; and a resumed run
-  matches an uninterrupted one bit for bit only with 0 workers (measured: with 1 worker a
-  mid-epoch resume ends 2e-3 away in the weights; not yet explained), so a choice that rests
-  on a timing must not bring workers in. Set `data.num_workers=N` for costly CPU batches;
+  only take cores from it and add the copy of every batch between processes. Set
+  `data.num_workers=N` for costly CPU batches (a mid-epoch resume is bit-exact with workers
+  too: the resumed pass takes its epoch from the checkpoint, as workers draw their indices
+  before Lightning sets the sampler's epoch; that was the 2e-3 gap once seen with 1 worker);
 - CUDA (the main process mostly waits for the GPU): one worker per `WORKER_BATCH_S` of
   preparation, at least 1, at most `cores - 1` and `MAX_WORKERS`.
 
