@@ -7,6 +7,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from mmkd.data.resume import ResumableLoader
+
 
 class EpochTimer(pl.Callback):
     """Logs the wall time of each training epoch (`time/train_epoch_s`: the training batches
@@ -68,3 +70,19 @@ class EpochTimer(pl.Callback):
             reduce_fx="sum",
             sync_dist=True,
         )
+
+
+class TrackTrainedBatches(pl.Callback):
+    """Reports each finished training batch to the training loader (a `ResumableLoader`)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.tracked = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.batch_trained()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from mmkd.callbacks import EpochTimer
+from mmkd.callbacks import EpochTimer, TrackTrainedBatches
 from mmkd.checkpoint import (
     CheckpointOnInterrupt,
     SafeCheckpointIO,
@@ -40,7 +40,6 @@ from mmkd.data import build_splits, dataset_sections
 from mmkd.data.base import class_prompts
 from mmkd.data.check import check_decodes
 from mmkd.data.module import DistillDataModule
-from mmkd.data.resume import TrackTrainedBatches
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 
@@ -24,8 +23,9 @@ class ResumableLoader(DataLoader):
     checkpoint, to be skipped: from `load_state_dict`, else from its `pending` callable) and
     says where the pass started (`pass_start`: its epoch and the batches skipped).
 
-    A batch counts as done when `TrackTrainedBatches` reports its end: a checkpoint saved on an
-    interrupt in the middle of a step must not count the batch being trained. Without that
+    A batch counts as done when `mmkd.callbacks.TrackTrainedBatches` reports its end: a
+    checkpoint saved on an interrupt in the middle of a step must not count the batch being
+    trained. Without that
     callback, the batches handed out count (Lightning's fetcher draws no batch ahead of the loop
     from a loader with a length, and every `ResumableLoader` has one)."""
 
@@ -65,19 +65,3 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume = (int(state["epoch"]), int(state["batches_done"]))
-
-
-class TrackTrainedBatches(pl.Callback):
-    """Reports each finished training batch to the training loader (a `ResumableLoader`)."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
-            loader.tracked = True
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
-            loader.batch_trained()
