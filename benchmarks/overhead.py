@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader
 
 from mmkd.config import compose, validate
 from mmkd.data import build_splits
-from mmkd.data.module import RoleCollate
+from mmkd.data.datamodule import RoleCollate
+from mmkd.distill_module import DistillModule
 from mmkd.models import build_models
-from mmkd.module import DistillModule
 
 
 class StepClock(pl.Callback):
@@ -299,8 +299,8 @@ def cifar_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from mmkd.data.datamodule import DistillDataModule
     from mmkd.data.decode_cache import DecodedDataset, entry_bytes
-    from mmkd.data.module import DistillDataModule
     from mmkd.data.workers import available_cores
     from mmkd.models import build_models
 

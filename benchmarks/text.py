@@ -294,7 +294,7 @@ def data_share(overrides: Sequence[str], batches: int = 12, rounds: int = 3) -> 
 
     from mmkd.config import compose, validate
     from mmkd.data import build_splits
-    from mmkd.data.module import DistillDataModule
+    from mmkd.data.datamodule import DistillDataModule
     from mmkd.models import build_models
 
     cfg = compose(list(overrides))

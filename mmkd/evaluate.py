@@ -28,7 +28,7 @@ from mmkd.adapters import Adapter, build_adapter
 from mmkd.cli import add_overrides, command_parser
 from mmkd.config.compose import compose_saved, describe_config_error
 from mmkd.data import build_splits
-from mmkd.data.module import DistillDataModule
+from mmkd.data.datamodule import DistillDataModule
 from mmkd.errors import CheckpointError, ConfigError, MMKDError
 from mmkd.export import STUDENT, export_folder, load_exported
 from mmkd.io import write_json

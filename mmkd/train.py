@@ -39,14 +39,14 @@ from mmkd.config.schema import DataCfg
 from mmkd.data import build_splits, dataset_sections
 from mmkd.data.base import class_prompts
 from mmkd.data.check import check_decodes
-from mmkd.data.module import DistillDataModule
+from mmkd.data.datamodule import DistillDataModule
+from mmkd.distill_module import DistillModule
 from mmkd.errors import ConfigError, MMKDError
 from mmkd.evaluate import evaluate_models
 from mmkd.export import export_model
 from mmkd.io import check_free_space, write_json, write_text
 from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_csv_log
 from mmkd.models import build_models
-from mmkd.module import DistillModule
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
 from mmkd.teacher_source import check_student_views, fit_view_policy

@@ -34,8 +34,8 @@ from tiny import tiny_overrides, tiny_spec
 from mmkd.adapters import build_adapter
 from mmkd.adapters.base import Preprocessor
 from mmkd.data import build_splits
+from mmkd.data.datamodule import RoleCollate
 from mmkd.data.decode import read_audio, read_image
-from mmkd.data.module import RoleCollate
 from mmkd.errors import ConfigError, DataError
 from mmkd.train import main
 

@@ -160,7 +160,7 @@ def test_a_worker_copy_maps_the_files_again(media, data_cfg, tmp_path):
 def test_training_batches_are_the_same_with_and_without_the_cache(media, data_cfg, tmp_path):
     """The cache changes where pixels come from, not the batches: same ids, same views."""
     from mmkd.adapters.image import ImagePreprocessor
-    from mmkd.data.module import DistillDataModule
+    from mmkd.data.datamodule import DistillDataModule
 
     for name in ("x", "y"):
         for i in range(6):

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from mmkd.data import build_splits
-from mmkd.data.module import RoleCollate
+from mmkd.data.datamodule import RoleCollate
 from mmkd.errors import ConfigError, DataError
 
 datasets = pytest.importorskip("datasets")

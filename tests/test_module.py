@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from tiny import tiny_spec
 
 from mmkd.config.schema import Config
-from mmkd.module import DistillModule
+from mmkd.distill_module import DistillModule
 
 
 def make_module(**loss_weights: float) -> DistillModule:
@@ -105,7 +105,7 @@ def nan_terms(module: DistillModule, monkeypatch) -> None:
 def test_nonfinite_loss_stops_the_run_naming_the_term(monkeypatch):
     import pytest
 
-    from mmkd.module import NonFiniteLossError
+    from mmkd.distill_module import NonFiniteLossError
 
     module = make_module(kd=1.0, ce=1.0)
     nan_terms(module, monkeypatch)

@@ -17,8 +17,8 @@ from tiny import small_run, tiny_overrides, tiny_spec
 from mmkd.adapters import build_adapter
 from mmkd.config import compose, validate
 from mmkd.config.schema import Config, TeacherSpec
+from mmkd.distill_module import DistillModule
 from mmkd.errors import ConfigError
-from mmkd.module import DistillModule
 from mmkd.store import TeacherStore
 from mmkd.train import main
 

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from mmkd.adapters import build_adapter
 from mmkd.config.schema import DemoCfg
+from mmkd.data.datamodule import RoleCollate, ViewedDataset
 from mmkd.data.demo import DemoDataset
-from mmkd.data.module import RoleCollate, ViewedDataset
 from mmkd.replay import ViewPolicy, replay_scope
 
 # timm's random-resized crop draws from `random`, its flip from torch; SpecAugment from torch

@@ -13,8 +13,8 @@ from tiny import small_run, tiny_overrides, tiny_spec
 
 from mmkd.adapters import build_adapter
 from mmkd.config.schema import DemoCfg
+from mmkd.data.datamodule import ResumableBatchSampler, RoleCollate, ViewedDataset
 from mmkd.data.demo import DemoDataset
-from mmkd.data.module import ResumableBatchSampler, RoleCollate, ViewedDataset
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.export import load_exported
 from mmkd.io import save_state

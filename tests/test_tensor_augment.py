@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mmkd.adapters.image import ImagePreprocessor
-from mmkd.data.module import RoleCollate, ViewedDataset
+from mmkd.data.datamodule import RoleCollate, ViewedDataset
 from mmkd.replay import replay_scope
 
 SIZE = 8

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmkd.adapters import build_adapter
 from mmkd.adapters.text_augment import TextAugment
 from mmkd.config.schema import LossesCfg
-from mmkd.data.module import RoleCollate, ViewedDataset
+from mmkd.data.datamodule import RoleCollate, ViewedDataset
 from mmkd.errors import ConfigError, DataError
 from mmkd.losses import IGNORE_LABEL, DistillLoss
 from mmkd.replay import replay_scope

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmkd.data import build_splits
-from mmkd.data.module import RoleCollate
+from mmkd.data.datamodule import RoleCollate
 from mmkd.data.webdataset import SampleDecoder, ShardStream, StreamLoader, expand_shards
 from mmkd.errors import ConfigError, DataError
 

@@ -73,7 +73,7 @@ def test_batch_transfer_moves_tensors_and_leaves_id_lists_alone():
     views and skip reasons are passed through untouched (not walked item by item)."""
     import torch
 
-    from mmkd.data.module import DistillDataModule
+    from mmkd.data.datamodule import DistillDataModule
 
     data = DistillDataModule.__new__(DistillDataModule)  # the hook reads no state
     ids, skipped = ["a", "b"], [("c", "unreadable")]

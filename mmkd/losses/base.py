@@ -23,7 +23,7 @@ from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
 # the label of an unlabelled row in a training batch that mixes labelled and unlabelled rows
-# (a transfer set, see mmkd.data.module): label terms skip it, KD terms use the row
+# (a transfer set, see mmkd.data.datamodule): label terms skip it, KD terms use the row
 IGNORE_LABEL = -100  # torch's cross-entropy default ignore_index
 
 # gather(x) -> (all rows of every process, offset of this process's rows); identity when alone

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mmkd.adapters import Adapter, Preprocessor
 from mmkd.data.base import sample_ids
-from mmkd.data.module import RoleCollate, ViewedDataset
+from mmkd.data.datamodule import RoleCollate, ViewedDataset
 from mmkd.errors import CheckpointError, ConfigError, DataError, DiskSpaceError
 from mmkd.io import check_free_space, write_json
 from mmkd.store.coordination import Collective

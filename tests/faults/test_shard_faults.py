@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmkd.data import build_splits
 from mmkd.data.base import Skipped
-from mmkd.data.module import RoleCollate
+from mmkd.data.datamodule import RoleCollate
 from mmkd.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "eel"]
