@@ -312,11 +312,17 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"{two['full']:.3f} (1×) |"
     )
     store = report["store_build_s"]
+    full_eval = report["full_eval_s"]
+    labelled = report["train_frames"] + report["views"] * report["aug_frames"]
     lines += [
         "",
-        f"Labelling with full: store builds {sum(store.values()) / 60:.1f} min "
-        f"({', '.join(f'{k}: {v:.0f} s' for k, v in store.items())}), plus full on the "
-        f"evaluation frames {report['full_eval_s']:.0f} s.  ",
+        f"Labelling with full: store builds {sum(store.values()) / 60:.1f} min of wall time "
+        f"({', '.join(f'{k}: {v:.0f} s' for k, v in store.items())}; a build inside a run that "
+        "was killed and resumed is not recorded), plus full on the evaluation frames "
+        + (f"{full_eval:.0f} s" if full_eval == full_eval else "(reused from an earlier attempt)")
+        + f". In CPU time: {labelled:,} stored training frames x {one['full'] * AUDIO_HOP_S:.4f} "
+        f"CPU s per frame (full, 1 thread) = {labelled * one['full'] * AUDIO_HOP_S / 60:.1f} "
+        "CPU min.  ",
         f"Whole benchmark: {report['total_s'] / 60:.1f} min of wall time (all phases, summed "
         "across resumed attempts).  ",
         "CPU time: process CPU seconds per second of audio at torchcrepe's default 10 ms hop "
