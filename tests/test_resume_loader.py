@@ -97,3 +97,22 @@ def test_mid_epoch_resume_is_bit_exact_without_the_not_resumable_warning(tmp_pat
         got = weights(resumed)
         assert got.keys() == expected.keys()
         assert all(torch.equal(v, got[k]) for k, v in expected.items()), resumed.name
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 1, 4, 1, 5, 9, 2, 6, 5]])
+def test_a_lone_last_sample_joins_the_batch_before_it(lengths) -> None:
+    """9 samples in batches of 4: not [4, 4, 1] (batch norm cannot train on one sample) but
+    [4, 5], every sample once, and the loader's length says 2; with length buckets too."""
+    from torch.utils.data import DistributedSampler
+
+    from mmkd.data.datamodule import ResumableBatchSampler
+    from mmkd.replay import ViewPolicy
+
+    data = list(range(9))
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    batches = ResumableBatchSampler(sampler, 4, ViewPolicy(seed=0), 9, lengths)
+    drawn = list(batches)
+    assert sorted(len(b) for b in drawn) == [4, 5] and len(batches) == 2
+    assert sorted(index for b in drawn for index, _ in b) == data
+    even = ResumableBatchSampler(sampler, 3, ViewPolicy(seed=0), 9, lengths)
+    assert [len(b) for b in even] == [3, 3, 3] and len(even) == 3

@@ -221,7 +221,24 @@ class ResumableBatchSampler(BatchSampler):
         self.pending = pending
         self.lengths = lengths  # per sample: batches of similar lengths (data.bucket_by_length)
 
+    def __len__(self) -> int:
+        batches = super().__len__()
+        return batches - 1 if self._folds_last() else batches
+
+    def _folds_last(self) -> bool:
+        """Whether the epoch's last batch would hold one sample: batch norm cannot train on one
+        (its variance is undefined), so that sample joins the batch before it instead."""
+        return len(self.sampler) % self.batch_size == 1 and len(self.sampler) > 1
+
     def batches(self, epoch: int) -> Iterator[list[int]]:
+        batches = list(self._batches(epoch))
+        if self._folds_last():
+            single = min(range(len(batches)), key=lambda i: len(batches[i]))
+            lone = batches.pop(single)
+            batches[single - 1 if single else 0].extend(lone)
+        yield from batches
+
+    def _batches(self, epoch: int) -> Iterator[list[int]]:
         if self.lengths is None:
             yield from super().__iter__()
             return
