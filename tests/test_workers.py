@@ -43,8 +43,12 @@ def test_settings_measure_the_batch_cost_only_when_not_configured(monkeypatch, c
     caplog.set_level("INFO", logger="mmkd.data.workers")
     chosen = loader_settings(None, prepare, size=100, batch_size=64, cuda=False)
     assert chosen.num_workers == 0 and not chosen.pin_memory and chosen.chosen
+    assert calls == []  # on the CPU the count is 0 whatever the cost: nothing is probed
+    assert "0 workers (chosen for 2 core(s), training on the CPU" in caplog.text
+    on_cuda = loader_settings(None, prepare, size=100, batch_size=64, cuda=True)
+    assert on_cuda.num_workers >= 1 and on_cuda.pin_memory
     assert calls == [[0], list(range(32))]  # one warm-up sample, then a 32-sample probe
-    assert "0 workers (chosen for 2 cores" in caplog.text
+    assert "chosen for 2 cores and" in caplog.text
     calls.clear()
     given = loader_settings(3, prepare, size=100, batch_size=64, cuda=True)
     assert given.num_workers == 3 and given.pin_memory and calls == []

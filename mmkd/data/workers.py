@@ -83,11 +83,12 @@ class LoaderSettings:
     chosen: bool  # True: chosen here; False: data.num_workers set
 
     def describe(self, batch_seconds: float | None, cores: int) -> str:
-        how = (
-            f"chosen for {cores} cores and {batch_seconds * 1e3:.1f} ms to prepare a batch"
-            if self.chosen and batch_seconds is not None
-            else "set by data.num_workers"
-        )
+        if not self.chosen:
+            how = "set by data.num_workers"
+        elif batch_seconds is None:
+            how = f"chosen for {cores} core(s), training on the CPU"
+        else:
+            how = f"chosen for {cores} cores and {batch_seconds * 1e3:.1f} ms to prepare a batch"
         return (
             f"data loading: {self.num_workers} workers ({how}; persistent), "
             f"pin_memory={self.pin_memory}, torch threads {torch.get_num_threads()} in the "
@@ -106,8 +107,9 @@ def loader_settings(
     cores = available_cores()
     seconds = None
     if configured is None:
-        seconds = batch_cost(prepare, size, batch_size)
-        settings = LoaderSettings(choose_workers(cores, seconds, cuda), cuda, chosen=True)
+        # the cost decides only the CUDA count: elsewhere the probe would load samples for nothing
+        seconds = batch_cost(prepare, size, batch_size) if cuda and cores >= 2 else None
+        settings = LoaderSettings(choose_workers(cores, seconds or 0.0, cuda), cuda, chosen=True)
     else:
         settings = LoaderSettings(configured, cuda, chosen=False)
     log.info(settings.describe(seconds, cores))
