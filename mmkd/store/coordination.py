@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCK_WAIT_LOG_S = 5.0  # wait this long for another builder's lock before saying so
+LOCK_POLL_S = 5.0  # how long rank 0 tries the builder's lock between collectives (and logs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def open_or_build(
     lock, done = None, False
     if group.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        lock = acquire(root / f"{builder.key}.lock", folder)
+    lock = acquire_together(root / f"{builder.key}.lock", folder, group)
     try:
         if group.rank == 0:  # another run may have built or repaired it while this one waited
             problem = entry_problem(folder)
@@ -103,16 +103,32 @@ def entry_problem(folder: Path) -> CheckpointError | None:
     return None
 
 
-def acquire(path: Path, folder: Path) -> FileLock:
-    """The builder's lock for `folder`, waiting (with one line saying so) while another
-    process holds it. The kernel drops a dead process's lock, so its successor takes over."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=LOCK_WAIT_LOG_S)
-    except Timeout:
-        log.info("teacher store: waiting for another process building %s (lock %s)", folder, path)
-        lock.acquire()
-    return lock
+def acquire_together(path: Path, folder: Path, group: Collective) -> FileLock | None:
+    """Global rank 0 takes the builder's lock for `folder` (returned; None on other ranks),
+    waiting while another run holds it, with one line saying so. The kernel drops a dead
+    process's lock, so its successor takes over.
+
+    The other ranks wait with it in short collectives, one every `LOCK_POLL_S`, instead of in
+    one collective that lasts as long as another run's build: a process group's collectives
+    time out (30 min by default) and a build can take longer."""
+    lock = FileLock(str(path)) if group.rank == 0 else None
+    waited = 0.0
+    while True:
+        held = True
+        if lock is not None:
+            try:
+                lock.acquire(timeout=LOCK_POLL_S)
+            except Timeout:
+                held = False
+                waited += LOCK_POLL_S
+                if waited == LOCK_POLL_S:
+                    log.info(
+                        "teacher store: waiting for another process building %s (lock %s)",
+                        folder,
+                        path,
+                    )
+        if not group.any(not held):
+            return lock
 
 
 class disk_full_is_one_line:

@@ -448,3 +448,33 @@ def test_store_list_and_gc_show_and_remove_leftover_partials(tmp_path, dataset, 
     assert mmkd(["store", "gc", str(tmp_path)]) == 0
     assert not partial.exists()
     assert [p.name for p in tmp_path.iterdir()] == [builder(model, dataset).key]
+
+
+def test_ranks_wait_for_another_runs_lock_in_short_collectives(tmp_path, monkeypatch):
+    """While another run holds the builder's lock, rank 0 waits in polls of LOCK_POLL_S and
+    every rank meets it in one short collective per poll, instead of one collective lasting
+    the other run's whole build (a process group times out after 30 min)."""
+    import threading
+
+    from filelock import FileLock
+
+    from mmkd.store import coordination
+
+    monkeypatch.setattr(coordination, "LOCK_POLL_S", 0.05)
+    path = tmp_path / "entry.lock"
+    other_run = FileLock(str(path), thread_local=False)  # released by the timer thread
+    other_run.acquire()
+    threading.Timer(0.4, other_run.release).start()
+    calls: list[bool] = []
+
+    def any_rank(flag: bool) -> bool:  # rank 0's flag; the other ranks contribute False
+        calls.append(flag)
+        return flag
+
+    group = coordination.Collective(rank=0, world=2, any=any_rank)
+    lock = coordination.acquire_together(path, tmp_path / "entry", group)
+    assert lock is not None and lock.is_locked
+    assert calls[-1] is False and calls.count(True) >= 3  # several short rounds, then go
+    lock.release()
+    other_rank = coordination.Collective(rank=1, world=2, any=lambda flag: flag)
+    assert coordination.acquire_together(path, tmp_path / "entry", other_rank) is None
