@@ -11,25 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_overrides
+from tiny import resumable_run
 
 from mmkd.export import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    "teacher=none",
-    "losses=supervised",
-    "data.train_labels=true",
-    *tiny_overrides("student", "audio_cnn"),
-    "student.head.classifier=true",
-    "student.cnn.dropout=0.3",  # draws from the RNG: resume must restore it
-    "data.demo.num_train=96",
-    "data.demo.num_val=16",
+    *resumable_run(num_train=96, num_val=16, batch_size=16),
     "data.demo.num_test=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "run.checkpoint_every_n_steps=1",
     "run.latency_seconds=0.02",
 ]  # 6 steps per epoch; the interruptions below land in epoch 1, mid-epoch
 

@@ -11,26 +11,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from tiny import tiny_overrides
+from tiny import resumable_run
 
 from mmkd.config import compose
 from mmkd.export import load_exported
 from mmkd.train import train
 
 OVERRIDES = [
-    "teacher=none",
-    "losses=supervised",
-    "data.train_labels=true",
-    *tiny_overrides("student", "audio_cnn"),
-    "student.head.classifier=true",
-    "student.cnn.dropout=0.3",  # draws from the RNG: resume must restore it
-    "data.demo.num_train=48",
-    "data.demo.num_val=8",
+    *resumable_run(num_train=48, num_val=8, batch_size=8),
     "data.demo.num_test=8",
-    "data.batch_size=8",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "run.checkpoint_every_n_steps=1",
     "run.test=false",
     "run.export=true",
 ]  # 6 steps per epoch

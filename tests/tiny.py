@@ -121,3 +121,22 @@ def assert_runs_match(one: Path, two: Path, metric_tol: float, what: str) -> flo
     print(f"{what}: largest weight difference {worst:.2e}")
     assert worst < 1e-4, worst
     return worst
+
+
+def resumable_run(num_train: int, num_val: int, batch_size: int) -> list[str]:
+    """A supervised tiny audio run checkpointed every step, whose dropout draws from the RNG
+    (a resume must restore it): the base of the resume tests."""
+    return [
+        "teacher=none",
+        "losses=supervised",
+        "data.train_labels=true",
+        *tiny_overrides("student", "audio_cnn"),
+        "student.head.classifier=true",
+        "student.cnn.dropout=0.3",
+        f"data.demo.num_train={num_train}",
+        f"data.demo.num_val={num_val}",
+        f"data.batch_size={batch_size}",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "run.checkpoint_every_n_steps=1",
+    ]
