@@ -314,8 +314,10 @@ def start(root: Path, slow: float) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_builders_at_once_one_builds_the_other_waits_and_reads(tmp_path):
     """Finding 17: the second run died with FileNotFoundError on .partial/chunks/N.done."""
-    first = start(tmp_path, 0.3)
-    time.sleep(0.5)
+    first = start(tmp_path, 2.0)  # 6 batches: a 12 s build, longer than the second's start-up
+    deadline = time.time() + 120  # the second starts once the first is building (holds the lock)
+    while time.time() < deadline and not list(tmp_path.glob("*.partial")):
+        time.sleep(0.05)
     second = start(tmp_path, 0.0)
     out = [p.communicate(timeout=300) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, [o[1][-2000:] for o in out]
