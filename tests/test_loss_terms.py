@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tiny import tiny_spec
+from tiny import term_loss, tiny_spec
 
 from mmkd.adapters import build_adapter
 from mmkd.config.schema import LossesCfg
@@ -168,15 +168,6 @@ def models(student: str, teacher: str):
     s = build_adapter(tiny_spec(student), key="student")
     t = build_adapter(tiny_spec(teacher), key="teacher")
     return s, t
-
-
-def term_loss(term: str, pairs: list, student, teacher, **settings) -> DistillLoss:
-    cfg = OmegaConf.structured(LossesCfg)
-    cfg[term].weight = 1.0
-    cfg[term].pairs = pairs
-    for key, value in settings.items():
-        cfg[term][key] = value
-    return DistillLoss(cfg, student.embed_dim, teacher.embed_dim, student=student, teacher=teacher)
 
 
 @pytest.mark.parametrize(

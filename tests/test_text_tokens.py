@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tiny import tiny_spec
+from tiny import term_loss, tiny_spec
 from torch.utils.data import Dataset
 
 from mmkd.adapters import build_adapter
@@ -18,7 +18,6 @@ from mmkd.config.schema import LossesCfg
 from mmkd.errors import ConfigError
 from mmkd.losses import (
     TERMS,
-    DistillLoss,
     FeatureTarget,
     TermInputs,
     attention_kl,
@@ -145,15 +144,6 @@ def cached_model(key: str, overrides: tuple[tuple[str, object], ...]):
 def text_model(key: str = "student", **overrides):
     """A tiny text model, built once per settings in this module (none of the tests train it)."""
     return cached_model(key, tuple(sorted(overrides.items())))
-
-
-def term_loss(term: str, pairs: list, student, teacher, **settings) -> DistillLoss:
-    cfg = OmegaConf.structured(LossesCfg)
-    cfg[term].weight = 1.0
-    cfg[term].pairs = pairs
-    for key, value in settings.items():
-        cfg[term][key] = value
-    return DistillLoss(cfg, student.embed_dim, teacher.embed_dim, student=student, teacher=teacher)
 
 
 def test_text_adapter_lists_and_returns_token_level_features() -> None:

@@ -140,3 +140,17 @@ def resumable_run(num_train: int, num_val: int, batch_size: int) -> list[str]:
         "trainer.enable_progress_bar=false",
         "run.checkpoint_every_n_steps=1",
     ]
+
+
+def term_loss(term: str, pairs: list, student: Any, teacher: Any, **settings: Any) -> Any:
+    """A DistillLoss of the one term `term` (weight 1) comparing `pairs` of layers of `student`
+    and `teacher`, with the term's other `settings`."""
+    from mmkd.config.schema import LossesCfg
+    from mmkd.losses import DistillLoss
+
+    cfg = OmegaConf.structured(LossesCfg)
+    cfg[term].weight = 1.0
+    cfg[term].pairs = pairs
+    for key, value in settings.items():
+        cfg[term][key] = value
+    return DistillLoss(cfg, student.embed_dim, teacher.embed_dim, student=student, teacher=teacher)
