@@ -20,7 +20,7 @@ from mmkd.losses import (
     rkd_distance,
 )
 
-TERMS = ("kd", "embed", "contrastive", "relational", "ce")
+TERMS = ("kd", "logit_mse", "embed", "contrastive", "relational", "ce")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -299,7 +299,14 @@ def test_only_positive_weight_terms_are_computed() -> None:
 
 
 def test_terms_and_total_match_the_formulas() -> None:
-    weights = {"kd": 0.3, "embed": 2.0, "contrastive": 0.7, "relational": 1.5, "ce": 0.25}
+    weights = {
+        "kd": 0.3,
+        "logit_mse": 0.8,
+        "embed": 2.0,
+        "contrastive": 0.7,
+        "relational": 1.5,
+        "ce": 0.25,
+    }
     cfg = losses_cfg(**weights)
     cfg.kd.temperature = 2.0
     cfg.embed.kind = "mse"
@@ -314,6 +321,7 @@ def test_terms_and_total_match_the_formulas() -> None:
     s, t = np64(x["student_embedding"]), np64(x["teacher_embedding"])
     expected = {
         "kd": 4.0 * kl_ref(np64(x["student_logits"]), np64(x["teacher_logits"]), 2.0),
+        "logit_mse": float(np.mean((np64(x["student_logits"]) - np64(x["teacher_logits"])) ** 2)),
         "embed": float(np.mean((s - t) ** 2)),
         "contrastive": (nce_rows_ref(s, t, 5.0, 0) + nce_rows_ref(t, s, 5.0, 0)) / 2,
         "relational": 3.0 * huber_ref(distances_ref(s), distances_ref(t))
@@ -421,7 +429,7 @@ def test_gather_used_only_with_global_negatives(global_negatives: bool) -> None:
 
 
 def test_gradient_reaches_student_not_teacher() -> None:
-    loss = DistillLoss(losses_cfg(kd=1.0, embed=1.0, contrastive=1.0, relational=1.0, ce=1.0), 8, 8)
+    loss = DistillLoss(losses_cfg(**dict.fromkeys(TERMS, 1.0)), 8, 8)
     x = inputs(grad=True)
     teacher = x["teacher_embedding"]
     assert not teacher.requires_grad and not x["teacher_logits"].requires_grad
@@ -435,7 +443,7 @@ def test_gradient_reaches_student_not_teacher() -> None:
     for name in TERMS:
         fresh = inputs(grad=True)
         value = loss(**fresh)[name]
-        target = fresh["student_logits"] if name in ("kd", "ce") else fresh["student_embedding"]
+        target = fresh["student_logits"] if name in ("kd", "logit_mse", "ce") else fresh["student_embedding"]
         (grad,) = torch.autograd.grad(value, target)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 

@@ -1,4 +1,5 @@
-"""Terms on class logits: Hinton KD, decoupled KD (DKD) and cross-entropy with the labels."""
+"""Terms on class logits: Hinton KD, logit MSE, decoupled KD (DKD) and cross-entropy with the
+labels."""
 
 from __future__ import annotations
 
@@ -116,6 +117,32 @@ class KD(LossTerm):
 
     def forward(self, inputs: TermInputs) -> Tensor:
         return kd_loss(inputs.student_logits, inputs.teacher_logits, self.cfg.temperature)
+
+
+@dataclass
+class LogitMSECfg:
+    """Mean squared error between raw student and teacher logits (Tang et al. 2019)."""
+
+    weight: float = 0.0
+
+
+@register_term
+class LogitMSE(LossTerm):
+    """Tang et al. 2019's distillation loss: MSE between the logits themselves, no softmax, so
+    the teacher's confidence scale is matched too (they found it better than KL for the BiLSTM
+    student). Averaged over classes and rows; the teacher's full logits are needed."""
+
+    name = "logit_mse"
+    Config = LogitMSECfg
+    needs_full_logits = True
+    student_outputs = frozenset({"logits"})
+
+    def __init__(self, cfg: Any, ctx: TermContext) -> None:
+        super().__init__(cfg, ctx)
+        check_classifiers(ctx, self.name, teacher_too=True)
+
+    def forward(self, inputs: TermInputs) -> Tensor:
+        return F.mse_loss(upcast(inputs.student_logits), upcast(inputs.teacher_logits))
 
 
 @dataclass
