@@ -443,7 +443,8 @@ def test_gradient_reaches_student_not_teacher() -> None:
     for name in TERMS:
         fresh = inputs(grad=True)
         value = loss(**fresh)[name]
-        target = fresh["student_logits"] if name in ("kd", "logit_mse", "ce") else fresh["student_embedding"]
+        on_logits = name in ("kd", "logit_mse", "ce")
+        target = fresh["student_logits"] if on_logits else fresh["student_embedding"]
         (grad,) = torch.autograd.grad(value, target)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
