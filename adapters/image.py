@@ -262,7 +262,6 @@ class ImageAdapter(Adapter):
     """A timm backbone on images. Set `timm.model`, `image.in_chans` and `image.img_size`."""
 
     modality = "image"
-    sections = ("timm", "image")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         if self.spec.image.in_chans not in PIL_MODES:

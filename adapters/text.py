@@ -187,7 +187,6 @@ class TextAdapter(Adapter):
     """A transformers encoder. `text.model` is a hub id or a local folder."""
 
     modality = "text"
-    sections = ("text",)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         cfg = self.spec.text

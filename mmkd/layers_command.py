@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from mmkd.adapters import build_adapter
 from mmkd.cli import command_parser
 from mmkd.config import compose, validate
-from mmkd.config.validate import adapter_specs
 from mmkd.models import adopt_exported_specs
+from mmkd.roles import adapter_specs
 
 
 def describe_layers(cfg: DictConfig) -> list[str]:

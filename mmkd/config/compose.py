@@ -9,6 +9,13 @@ A `defaults:` entry is `group: name` (load configs/group/name.yaml into that key
 `key: group/name` (load another group's file into `key`, e.g. `extra_students.image: student/x`).
 `name` may be `none` to set the key to null (e.g. `teacher=none`).
 
+Each model's spec (`teacher`, `student`, `teachers.NAME`, `extra_students.NAME`) holds only the
+sections of the adapter finally chosen for it: a section of another adapter set in an
+experiment or on the command line is refused, naming the key. A config group file's sections
+belong with the adapter that file names: when a later layer picks another adapter for that key
+(`student=tiny_image student.adapter=audio_cnn`), the file's sections the new adapter does not
+read are dropped, and its common fields (`head`, `features`, ...) are kept.
+
 Files are looked up first in the user's config folder (`run.config_path=DIR`, laid out like
 `configs/`), then in mmkd's own config groups, so a project keeps its experiments beside
 mmkd's and may replace any of its files.
@@ -19,37 +26,21 @@ from __future__ import annotations
 import importlib.util
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from mmkd.config.schema import DataCfg, run_schema
+from mmkd.adapters import adapter_sections
+from mmkd.adapters.sections import section_names
+from mmkd.config.schema import AdapterSpec, DataCfg, run_schema
 from mmkd.data import DATASETS, dataset_sections
 from mmkd.errors import ConfigError
 from mmkd.plugins import import_plugins
 
 CONFIG_GROUPS = ("data", "teacher", "student", "losses", "trainer", "experiment")
-
-# id(config) -> (the config, what its config group files alone gave): see `group_defaults`
-_GROUP_DEFAULTS: dict[int, tuple[weakref.ref, DictConfig]] = {}
-
-
-def group_defaults(cfg: DictConfig) -> DictConfig | None:
-    """The schema's defaults with the group files of `cfg`'s defaults list merged in (e.g.
-    `student: tiny_image`), before its experiment body and command line: for a config
-    `compose` returned, else None. Validation treats these values as defaults, so a section
-    that a group file set for another adapter (`student=tiny_image student.adapter=audio_cnn`
-    leaves tiny_image's timm settings) is not taken for a change the user made."""
-    entry = _GROUP_DEFAULTS.get(id(cfg))
-    return entry[1] if entry is not None and entry[0]() is cfg else None
-
-
-def _remember_group_defaults(cfg: DictConfig, defaults: DictConfig) -> None:
-    key = id(cfg)
-    _GROUP_DEFAULTS[key] = (weakref.ref(cfg, lambda _: _GROUP_DEFAULTS.pop(key, None)), defaults)
-
 
 # id(config) -> (the config, the keys its command line set): see `command_line_keys`
 _COMMAND_LINE: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
@@ -99,53 +90,136 @@ def describe_config_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
+@dataclass(frozen=True)
+class Choices:
+    """What a run's schema was built for: the dataset and each model key's adapter."""
+
+    dataset: str
+    adapters: dict[str, str]  # model key (teacher, student, teachers.NAME, ...) -> adapter
+
+
 def _merge(
-    cfg: DictConfig, other: DictConfig | dict, source: str, dataset: str | None = None
+    cfg: DictConfig, other: DictConfig | dict, source: str, choices: Choices | None = None
 ) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as err:
-        message = _unknown_section(dataset, err, other) or describe_config_error(err)
+        message = _unknown_section(choices, err, other) or describe_config_error(err)
         raise ConfigError(f"{source}: {message}") from None
 
 
 def _unknown_section(
-    dataset: str | None, err: OmegaConfBaseException, given: DictConfig | dict
+    choices: Choices | None, err: OmegaConfBaseException, given: DictConfig | dict
 ) -> str | None:
-    """The error for a `data.<section>` of a dataset other than the chosen `dataset` (the
-    schema holds only the sections it reads), naming the first key `given` sets there; None
-    for any other error."""
+    """The error for a section of an entry that was not chosen (a `data.<section>` of another
+    dataset, a `student.<section>` of another adapter: the schema holds only the chosen one's
+    sections), naming the first key `given` sets there; None for any other error."""
     parts = str(getattr(err, "full_key", None) or "").split(".")
-    if not isinstance(err, ConfigKeyError) or dataset is None or parts[0] != "data":
+    if not isinstance(err, ConfigKeyError) or choices is None:
         return None
-    if len(parts) != 2 or parts[1] not in DATASETS or parts[1] == dataset:
+    if parts[0] == "data":
+        if len(parts) != 2 or parts[1] not in DATASETS or parts[1] == choices.dataset:
+            return None
+        reads = ", ".join(f"data.{name}" for name in dataset_sections(choices.dataset))
+        return (
+            f"{_first_key(given, f'data.{parts[1]}')}: a setting of dataset {parts[1]}, but "
+            f"data.name={choices.dataset} (which reads {reads or 'no section'})"
+        )
+    split = 2 if parts[0] in ("teachers", "extra_students") else 1
+    model, rest = ".".join(parts[:split]), parts[split:]
+    if model not in choices.adapters or len(rest) != 1:
         return None
-    key = f"data.{parts[1]}"
+    if rest[0] == "options":
+        return (
+            f"{model}.options: no longer exists; a plugin adapter declares its own typed "
+            "section (mmkd.adapters.register_adapter_config) and reads "
+            f"{model}.SECTION.FIELD (README: 'Bring your own model')"
+        )
+    readers = section_names().get(rest[0])
+    if not readers:
+        return None  # a typo: omegaconf's message names the key
+    adapter = choices.adapters[model]
+    reads = ", ".join(f"{model}.{name}" for name in adapter_sections(adapter)) or "no section"
+    return (
+        f"{_first_key(given, f'{model}.{rest[0]}')}: a setting of the {', '.join(readers)} "
+        f"adapter{'s' if len(readers) > 1 else ''}, but {model}.adapter={adapter} "
+        f"(which reads {reads})"
+    )
+
+
+def _first_key(given: DictConfig | dict, key: str) -> str:
+    """`key` extended by the first field `given` sets below it (data.fsdd -> data.fsdd.split)."""
     section = OmegaConf.select(OmegaConf.create(given), key)
     while isinstance(section, DictConfig) and len(section):
         field = next(iter(section))
         key, section = f"{key}.{field}", section[field]
-    reads = ", ".join(f"data.{name}" for name in dataset_sections(dataset)) or "no section"
-    return f"{key}: a setting of dataset {parts[1]}, but data.name={dataset} (which reads {reads})"
+    return key
 
 
-def chosen_schema(layers: Sequence[DictConfig]) -> tuple[type, str]:
+def chosen_schema(layers: Sequence[DictConfig]) -> tuple[type, Choices]:
     """The run's schema for the config `layers` (merged in order): import the modules their
-    `run.plugins` name (so the datasets and loss terms they register have sections), then
-    join the chosen dataset's section(s) (`data.name`) and every loss term's to `Config`.
-    Returns the schema and the chosen dataset's name."""
+    `run.plugins` name (so the datasets, adapters and loss terms they register have sections),
+    then join the chosen dataset's section(s) (`data.name`), each model's adapter sections and
+    every loss term's to `Config`. Returns the schema and what it was built for."""
     plain: DictConfig = OmegaConf.create()
-    for layer in layers:  # untyped: only to read two keys; the typed merge reports errors
+    for layer in layers:  # untyped: only to read a few keys; the typed merge reports errors
         try:
             plain = OmegaConf.merge(plain, layer)
         except OmegaConfBaseException:
             continue
     import_plugins([str(m) for m in _select(plain, "run.plugins") or []])
-    dataset = str(_select(plain, "data.name") or DataCfg.name)
-    return run_schema(dataset), dataset
+    choices = Choices(str(_select(plain, "data.name") or DataCfg.name), model_adapters(plain))
+    return run_schema(choices.dataset, choices.adapters), choices
 
 
-def _select(cfg: DictConfig, key: str) -> Any:
+def model_adapters(cfg: DictConfig) -> dict[str, str]:
+    """Model key -> adapter name of every model `cfg` sets: `teacher` unless null, `student`,
+    `teachers.NAME`, `extra_students.NAME`. A model whose `weights` is an exported model folder
+    has that export's adapter (it brings its architecture); an unset `adapter` is the schema's
+    default."""
+    specs = {"teacher": _select(cfg, "teacher"), "student": _select(cfg, "student")}
+    specs["student"] = specs["student"] or OmegaConf.create()
+    for group in ("teachers", "extra_students"):
+        named = _select(cfg, group)
+        if isinstance(named, DictConfig):
+            specs.update({f"{group}.{name}": _select(named, str(name)) for name in named})
+    return {
+        key: _exported_adapter(_select(spec, "weights"))
+        or str(_select(spec, "adapter") or AdapterSpec.adapter)
+        for key, spec in specs.items()
+        if isinstance(spec, DictConfig)
+    }
+
+
+def _exported_adapter(weights: Any) -> str | None:
+    """The adapter named in an exported model folder's spec, or None (no folder, a file)."""
+    if not isinstance(weights, str) or not weights:
+        return None
+    from mmkd.export import SPEC, is_export
+
+    if not is_export(weights):
+        return None
+    try:
+        return str(OmegaConf.load(Path(weights) / SPEC).get("adapter") or AdapterSpec.adapter)
+    except Exception:  # a damaged export: loading it later says what is wrong
+        return None
+
+
+def drop_unread_sections(spec: DictConfig, adapter: str, *, old_layout: bool = False) -> None:
+    """Remove from `spec` (in place) the adapter sections that adapter `adapter` does not read:
+    a group file's sections for the adapter it named, when another one was chosen. With
+    `old_layout` (a config or export saved before specs held only their adapter's sections:
+    every built-in section and an `options` mapping), also an empty `options`."""
+    reads = adapter_sections(adapter)
+    known = section_names()
+    for name in [str(k) for k in spec]:
+        if (name in known and name not in reads) or (
+            old_layout and name == "options" and not spec[name]
+        ):
+            spec.pop(name)
+
+
+def _select(cfg: Any, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, default=None)
     except OmegaConfBaseException:  # an interpolation that cannot resolve yet
@@ -216,59 +290,76 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         body.append((exp, f"experiment/{experiment}.yaml"))
     choices.update(cli_choices)
 
-    groups = [
-        (
-            OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
-            f"{key}={choice}",
-        )
-        for key, choice in choices.items()
-        for node in [_group_node(search, key, str(choice))]
-    ]
+    files = {key: _group_node(search, key, str(choice)) for key, choice in choices.items()}
     try:
         cli = OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    schema, dataset = chosen_schema([node for node, _ in (*groups, *body, (cli, ""))])
+    nested = [_group_layer(key, node) for key, node in files.items()]
+    schema, chosen = chosen_schema([*nested, *(node for node, _ in body), cli])
+    for key, node in files.items():  # a group file's sections for an adapter not chosen
+        adapter = chosen.adapters.get(key)
+        if node is not None and adapter and str(node.get("adapter") or adapter) != adapter:
+            drop_unread_sections(node, adapter)
     cfg = OmegaConf.structured(schema)
-    for node, source in groups:
-        cfg = _merge(cfg, node, source, dataset)
-    defaults = cfg.copy()
+    for key, node in files.items():
+        cfg = _merge(cfg, _group_layer(key, node), f"{key}={choices[key]}", chosen)
     required: set[str] = set()
     for node, source in body:
         required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
-        cfg = _merge(cfg, node, source, dataset)
+        cfg = _merge(cfg, node, source, chosen)
     for key in required:  # merging "???" keeps the old value; mark the key missing again
         OmegaConf.update(cfg, key, "???")
     if experiment:
         cfg.run.name = experiment
-    cfg = _merge(cfg, cli, "command line", dataset)
+    cfg = _merge(cfg, cli, "command line", chosen)
     _replace_free_mappings(cfg, dotlist)
+    _set_exported_adapters(cfg, chosen)
     if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
         cfg.run.config_path = str(search[0])
-    _remember_group_defaults(cfg, defaults)
     _remember_command_line(cfg, dotlist)
     return cfg
 
 
+def _set_exported_adapters(cfg: DictConfig, chosen: Choices) -> None:
+    """A model whose weights are an exported folder of another adapter than the one configured
+    was given that adapter's schema: name it in its `adapter` too."""
+    for key, adapter in chosen.adapters.items():
+        spec = _select(cfg, key)
+        if isinstance(spec, DictConfig) and spec.adapter != adapter:
+            spec.adapter = adapter
+
+
+def _group_layer(key: str, node: DictConfig | None) -> DictConfig:
+    """A group file's content placed at `key` (null for `key=none`)."""
+    return OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node)
+
+
 def compose_saved(saved: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """A run's saved config.yaml with `key=value` `overrides`, on the run's typed schema (its
-    plugins imported). Compatibility: configs saved before datasets owned their sections hold
-    every built-in dataset's section (and `data.options`); the sections the chosen dataset does
-    not read were never read, and are dropped on load."""
+    plugins imported). Compatibility: configs saved before datasets and adapters owned their
+    sections hold every built-in dataset's section (and `data.options`) and, in each model's
+    spec, every built-in adapter's section (and `options`); the sections the chosen dataset or
+    adapter does not read were never read, and are dropped on load (a non-empty `options` is
+    refused: its plugin adapter now declares a section)."""
     register_resolvers()
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    schema, dataset = chosen_schema([saved, cli])
+    schema, chosen = chosen_schema([saved, cli])
     saved = saved.copy()
     data = saved.get("data")
     if isinstance(data, DictConfig):
-        read = dataset_sections(dataset)
+        read = dataset_sections(chosen.dataset)
         for name in [k for k in data if (k in DATASETS or k == "options") and k not in read]:
             data.pop(name)
-    cfg = _merge(OmegaConf.structured(schema), saved, "config.yaml", dataset)
-    return _merge(cfg, cli, "command line", dataset)
+    for key, adapter in chosen.adapters.items():
+        spec = _select(saved, key)
+        if isinstance(spec, DictConfig):
+            drop_unread_sections(spec, adapter, old_layout=True)
+    cfg = _merge(OmegaConf.structured(schema), saved, "config.yaml", chosen)
+    return _merge(cfg, cli, "command line", chosen)
 
 
 def _replace_free_mappings(cfg: DictConfig, dotlist: list[str]) -> None:
