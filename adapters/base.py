@@ -10,11 +10,12 @@ An adapter is preprocessing + encoder + head. The preprocessing lives in a separ
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
 from .sections import adapter_sections
+
+if TYPE_CHECKING:
+    from mmkd.config.schema import AdapterSpec
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
 
@@ -121,7 +125,9 @@ class Adapter(nn.Module, ABC):
     # the config sections an adapter reads are registered with its name, in a light module
     # (mmkd.adapters.register_adapter_config): its spec holds those and the common fields
 
-    def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
+    def __init__(self, spec: AdapterSpec, *, key: str = "model") -> None:
+        """`spec`: the typed spec (an `AdapterSpec` dataclass holding this adapter's sections,
+        see `mmkd.config.schema.adapter_schema`), as `build_adapter` gives it."""
         super().__init__()
         self.spec = spec
         self.key = key  # the config key of this model, for error messages
@@ -205,7 +211,7 @@ class Adapter(nn.Module, ABC):
     def forward(self, batch: Batch, layers: Sequence[str] = ()) -> AdapterOutput:
         """Embedding, logits and pooled features; with `layers`, also those intermediate
         features (names from `feature_names`, checked at start-up)."""
-        names = list(dict.fromkeys([*(self.spec.get("features") or []), *layers]))
+        names = list(dict.fromkeys([*self.spec.features, *layers]))
         found: dict[str, Tensor] = {}
         if names:
             features, found = self.encode_layers(batch, names)
@@ -225,7 +231,7 @@ class Adapter(nn.Module, ABC):
         adapter reads (all its spec holds), each with its pretrained sources switched off by
         the section's `exported` rule (the weights file holds the weights). Subclasses save
         extra assets (tokenizer) to `folder`."""
-        spec = OmegaConf.create(OmegaConf.to_container(self.spec, resolve=True))
+        spec = OmegaConf.create(dataclasses.asdict(self.spec))
         spec.weights = None
         for name, section in adapter_sections(spec.adapter).items():
             section.exported(spec[name])  # the section's own rule

@@ -279,7 +279,7 @@ class ImageAdapter(Adapter):
         }
         resolved = resolve_data_config(args, model=self.encoder)
         for name in ("mean", "std"):
-            given = image[name]
+            given = getattr(image, name)
             if given is not None:
                 values = [float(v) for v in given]
                 resolved[name] = tuple(values * image.in_chans if len(values) == 1 else values)

@@ -174,6 +174,7 @@ def test_a_wrong_plugin_adapter_setting_fails_naming_the_key(plugins, item, mess
 
 def test_a_plugin_adapter_section_is_refused_for_another_adapter(plugins):
     items = [*adapter_overrides(plugins / "run"), "student.adapter=audio_cnn"]
-    refused = r"student\.inhouse\.width: a setting of the inhouse adapter, but student\.adapter="
+    # (other tests may have registered the same example under other names: inhouse_a, ...)
+    refused = r"student\.inhouse\.width: a setting of the inhouse(, \w+)* adapters?, but stud"
     with pytest.raises(ConfigError, match=refused):
         compose(items)
