@@ -259,6 +259,12 @@ def test_an_old_full_exported_spec_still_loads_builds_and_validates(tmp_path: Pa
     # named as a model's weights, the export brings its adapter's schema at compose time
     cfg = compose(["losses=supervised", "data.train_labels=true", f"teacher.weights={tmp_path}"])
     assert cfg.teacher.adapter == "audio_cnn" and set(cfg.teacher) == {*COMMON, "audio", "cnn"}
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher\.text\.pooling: .* but teacher\.adapter="
+        r"audio_cnn, the adapter of its exported weights ",
+    ):
+        compose([f"teacher.weights={tmp_path}", "teacher.text.pooling=cls"])
     cfg.teacher = None
     cfg.student = loaded
     validate(cfg)

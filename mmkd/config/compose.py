@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class Choices:
 
     dataset: str
     adapters: dict[str, str]  # model key (teacher, student, teachers.NAME, ...) -> adapter
+    exports: dict[str, str] = field(default_factory=dict)  # model key -> its exported weights
 
 
 def _merge(
@@ -140,9 +141,11 @@ def _unknown_section(
         return None  # a typo: omegaconf's message names the key
     adapter = choices.adapters[model]
     reads = ", ".join(f"{model}.{name}" for name in adapter_sections(adapter)) or "no section"
+    export = choices.exports.get(model)
+    source = f", the adapter of its exported weights {export}," if export else ""
     return (
         f"{_first_key(given, f'{model}.{rest[0]}')}: a setting of the {', '.join(readers)} "
-        f"adapter{'s' if len(readers) > 1 else ''}, but {model}.adapter={adapter} "
+        f"adapter{'s' if len(readers) > 1 else ''}, but {model}.adapter={adapter}{source} "
         f"(which reads {reads})"
     )
 
@@ -151,8 +154,8 @@ def _first_key(given: DictConfig | dict, key: str) -> str:
     """`key` extended by the first field `given` sets below it (data.fsdd -> data.fsdd.split)."""
     section = OmegaConf.select(OmegaConf.create(given), key)
     while isinstance(section, DictConfig) and len(section):
-        field = next(iter(section))
-        key, section = f"{key}.{field}", section[field]
+        name = next(iter(section))
+        key, section = f"{key}.{name}", section[name]
     return key
 
 
@@ -168,7 +171,14 @@ def chosen_schema(layers: Sequence[DictConfig]) -> tuple[type, Choices]:
         except OmegaConfBaseException:
             continue
     import_plugins([str(m) for m in _select(plain, "run.plugins") or []])
-    choices = Choices(str(_select(plain, "data.name") or DataCfg.name), model_adapters(plain))
+    adapters = model_adapters(plain)
+    exports = {
+        key: str(weights)
+        for key in adapters
+        for weights in [_select(plain, f"{key}.weights")]
+        if _exported_adapter(weights)
+    }
+    choices = Choices(str(_select(plain, "data.name") or DataCfg.name), adapters, exports)
     return run_schema(choices.dataset, choices.adapters), choices
 
 
