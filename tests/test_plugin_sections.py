@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from tiny import tiny_overrides
+from tiny import small_run, tiny_overrides
 
 import mmkd.losses.base as loss_base
 from mmkd.adapters import ADAPTER_CONFIGS, ADAPTERS
@@ -129,13 +129,7 @@ def adapter_overrides(run_dir: Path, *extra: str) -> list[str]:
         "student.adapter=inhouse",
         "student.inhouse.width=16",
         "student.head.classifier=true",
-        "data.demo.num_train=32",
-        "data.demo.num_val=16",
-        "data.demo.num_test=16",
-        "data.batch_size=16",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "run.latency_seconds=0.02",
+        *small_run(train=32),
         f"run.dir={run_dir}",
         *extra,
     ]
