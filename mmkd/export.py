@@ -131,7 +131,8 @@ def load_export_spec(folder: str | Path) -> DictConfig:
     paths made absolute. Exports written before specs held only their adapter's sections hold
     every built-in section and an empty `options`: those the adapter does not read are dropped."""
     from mmkd.adapters import adapter_sections
-    from mmkd.config.compose import drop_unread_sections, register_resolvers
+    from mmkd.config.choices import drop_unread_sections
+    from mmkd.config.compose import register_resolvers
     from mmkd.config.schema import adapter_schema
 
     register_resolvers()  # the defaults of sections an export omits may use ${package_dir:...}
