@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from tiny import small_run, tiny_overrides
 
@@ -135,14 +136,19 @@ def adapter_overrides(run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_plugin_adapter_trains_with_its_own_section_and_exports_it(plugins):
+def test_plugin_adapter_trains_with_its_own_section_and_exports_it(plugins, monkeypatch):
+    monkeypatch.chdir(plugins)
+    conv = torch.nn.Conv2d(3, 16, 3, stride=2)  # the example's InHouseNet(16), saved by a user
+    torch.save({f"layers.0.{k}": v for k, v in conv.state_dict().items()}, plugins / "net.pt")
     run_dir = plugins / "adapter_run"
-    assert main(adapter_overrides(run_dir)) == 0
+    assert main(adapter_overrides(run_dir, "student.inhouse.checkpoint=net.pt")) == 0
     saved = OmegaConf.load(run_dir / "config.yaml")
-    assert saved.student.inhouse == {"checkpoint": None, "width": 16}
+    checkpoint = str(plugins / "net.pt")  # a path key of the section: made absolute
+    assert saved.student.inhouse == {"checkpoint": checkpoint, "width": 16}
     assert saved.student.image.img_size == 32 and "timm" not in saved.student
     exported = OmegaConf.load(run_dir / "student" / SPEC)
     assert {"image", "inhouse"} <= set(exported) and "timm" not in exported
+    assert exported.inhouse.checkpoint is None  # the section's export rule
     model = load_exported(run_dir / "student")
     assert model.model.feature_dim == 16 and model.model.spec.inhouse.width == 16
     assert "student/accuracy" in json.loads((run_dir / "metrics.json").read_text())
