@@ -1,15 +1,20 @@
 """Modality adapters (installed as `mmkd.adapters`): preprocessing + encoder + projection head.
 
-Importing a name of this package (`from mmkd.adapters import ADAPTERS`) registers the built-in
-adapters in `ADAPTERS`. Importing the package alone imports no model library, so the light
-config sections beside each adapter (`*_config.py`, `sections.py`) can be read by the config
-schema without torch, timm, transformers or torchaudio.
+Importing the package registers the config of every built-in adapter (the sections each reads,
+from the light `*_config.py` modules: `ADAPTER_CONFIGS`, `adapter_sections`) and imports no
+model library, so the config schema is built without torch, timm, transformers or torchaudio.
+Importing a name of the model layer (`from mmkd.adapters import ADAPTERS`) registers the
+built-in adapter classes in `ADAPTERS`.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+# the configs of the built-in adapters (light: registration only)
+from . import audio_config, crepe_config, image_config, text_config, text_rnn_config  # noqa: F401
+from .sections import ADAPTER_CONFIGS, Section, adapter_sections, register_adapter_config
 
 if TYPE_CHECKING:
     from .base import ADAPTERS, Adapter, AdapterOutput, Preprocessor, ProjectionHead
@@ -26,11 +31,15 @@ _EXPORTS = {
 
 __all__ = [
     "ADAPTERS",
+    "ADAPTER_CONFIGS",
     "Adapter",
     "AdapterOutput",
     "Preprocessor",
     "ProjectionHead",
+    "Section",
+    "adapter_sections",
     "build_adapter",
+    "register_adapter_config",
     "register_builtins",
 ]
 

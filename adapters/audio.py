@@ -10,6 +10,8 @@ as `soundfile.read` returns it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 import torchaudio
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.io import load_state_file
 
+from .audio_config import AudioCfg
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
 from .timm_backbone import create_backbone, timm_feature_names, timm_forward_layers
 
 
-def clip_samples(cfg: DictConfig) -> int:
+def clip_samples(cfg: AudioCfg) -> int:
     """Samples in one clip: audio.clip_seconds at audio.sample_rate."""
     return round(cfg.clip_seconds * cfg.sample_rate)
 
@@ -37,9 +39,8 @@ class AudioPreprocessor(Preprocessor):
 
     modality = "audio"
 
-    def __init__(self, cfg: DictConfig, output: str) -> None:
-        settings = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(settings, dict)
+    def __init__(self, cfg: AudioCfg, output: str) -> None:
+        settings = dataclasses.asdict(cfg)
         settings["output"] = output
         randomized = bool(
             cfg.time_shift or cfg.gain_db or (output == "logmel" and cfg.spec_augment)
@@ -249,8 +250,6 @@ class ConvNet(nn.Sequential):
 class AudioCnnAdapter(LogMelAdapter):
     """A small conv net over the log-mel spectrogram (`cnn.channels`)."""
 
-    sections = ("audio", "cnn")
-
     def build_encoder(self) -> tuple[nn.Module, int]:
         channels = list(self.spec.cnn.channels)
         return ConvNet(channels, self.spec.cnn.dropout), channels[-1]
@@ -265,8 +264,6 @@ class AudioCnnAdapter(LogMelAdapter):
 @ADAPTERS.register("audio_timm")
 class AudioTimmAdapter(LogMelAdapter):
     """Any timm model (`timm.model`) reading the log-mel spectrogram as a 1-channel image."""
-
-    sections = ("audio", "timm")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         return create_backbone(self.spec.timm, in_chans=1, key=self.key)
@@ -304,11 +301,10 @@ class WaveformAdapter(Adapter):
     """torchaudio's wav2vec2-family encoder on raw waveforms, mean-pooled over frames."""
 
     modality = "audio"
-    sections = ("audio", "wav2vec2")
     preset: dict[str, Any] = WAV2VEC2_BASE
 
     def build_encoder(self) -> tuple[nn.Module, int]:
-        overrides = OmegaConf.to_container(self.spec.wav2vec2.overrides, resolve=True)
+        overrides = copy.deepcopy(dict(self.spec.wav2vec2.overrides))
         assert isinstance(overrides, dict)
         unknown = sorted(set(overrides) - set(self.preset))
         if unknown:

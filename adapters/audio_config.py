@@ -1,5 +1,5 @@
 """The audio sections: `audio` (the front end every audio adapter reads), `cnn` (audio_cnn) and
-`wav2vec2` (audio_wav2vec2 / audio_hubert)."""
+`wav2vec2` (audio_wav2vec2 / audio_hubert); audio_timm reads `audio` and `timm`."""
 
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
 # ruff: noqa: UP006, UP035, UP045
@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from mmkd.errors import ConfigError
 
-from .sections import Section, check_non_negative, check_positive
+from .backbone_config import TimmCfg
+from .sections import Section, check_non_negative, check_positive, register_adapter_config
 
 
 @dataclass
@@ -66,3 +67,9 @@ class Wav2Vec2Cfg(Section):
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
         cfg.weights_file = None
+
+
+register_adapter_config("audio_cnn", audio=AudioCfg, cnn=AudioCnnCfg)
+register_adapter_config("audio_timm", audio=AudioCfg, timm=TimmCfg)
+register_adapter_config("audio_wav2vec2", audio=AudioCfg, wav2vec2=Wav2Vec2Cfg)
+register_adapter_config("audio_hubert", audio=AudioCfg, wav2vec2=Wav2Vec2Cfg)

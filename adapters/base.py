@@ -10,20 +10,25 @@ An adapter is preprocessing + encoder + head. The preprocessing lives in a separ
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mmkd.config.schema import ADAPTER_SECTIONS
 from mmkd.errors import ConfigError
 from mmkd.registry import Registry
+
+from .sections import adapter_sections
+
+if TYPE_CHECKING:
+    from mmkd.config.schema import AdapterSpec
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter", entry_point_group="mmkd.adapters")
 
@@ -117,18 +122,12 @@ class Adapter(nn.Module, ABC):
     """Base class: subclasses build the encoder and the preprocessor for their modality."""
 
     modality: ClassVar[str]
-    #: the config sections this adapter reads (`spec.<name>`, from `ADAPTER_SECTIONS`), e.g.
-    #: ("timm", "image"). Only these are checked and exported; changing another one from its
-    #: defaults is a config error. None (an adapter that does not say): it may read any section.
-    #: `head`, `options` and the other common fields are always read.
-    sections: ClassVar[tuple[str, ...] | None] = None
+    # the config sections an adapter reads are registered with its name, in a light module
+    # (mmkd.adapters.register_adapter_config): its spec holds those and the common fields
 
-    @classmethod
-    def read_sections(cls) -> tuple[str, ...]:
-        """The sections this adapter reads (every section when `sections` is None)."""
-        return tuple(ADAPTER_SECTIONS) if cls.sections is None else tuple(cls.sections)
-
-    def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
+    def __init__(self, spec: AdapterSpec, *, key: str = "model") -> None:
+        """`spec`: the typed spec (an `AdapterSpec` dataclass holding this adapter's sections,
+        see `mmkd.config.schema.adapter_schema`), as `build_adapter` gives it."""
         super().__init__()
         self.spec = spec
         self.key = key  # the config key of this model, for error messages
@@ -212,7 +211,7 @@ class Adapter(nn.Module, ABC):
     def forward(self, batch: Batch, layers: Sequence[str] = ()) -> AdapterOutput:
         """Embedding, logits and pooled features; with `layers`, also those intermediate
         features (names from `feature_names`, checked at start-up)."""
-        names = list(dict.fromkeys([*(self.spec.get("features") or []), *layers]))
+        names = list(dict.fromkeys([*self.spec.features, *layers]))
         found: dict[str, Tensor] = {}
         if names:
             features, found = self.encode_layers(batch, names)
@@ -229,19 +228,13 @@ class Adapter(nn.Module, ABC):
 
     def export_spec(self, folder: Path) -> DictConfig:
         """The spec saved beside exported weights: the common fields and the sections this
-        adapter reads, each with its pretrained sources switched off by the section's
-        `exported` rule (the weights file holds the weights). Subclasses save extra assets
-        (tokenizer) to `folder`."""
-        spec = OmegaConf.create(OmegaConf.to_container(self.spec, resolve=True))
+        adapter reads (all its spec holds), each with its pretrained sources switched off by
+        the section's `exported` rule (the weights file holds the weights). Subclasses save
+        extra assets (tokenizer) to `folder`."""
+        spec = OmegaConf.create(dataclasses.asdict(self.spec))
         spec.weights = None
-        read = self.read_sections()
-        for name, section in ADAPTER_SECTIONS.items():
-            if name not in spec:
-                continue
-            if name in read:
-                section.exported(spec[name])  # the section's own rule
-            else:  # loading the export gives it its defaults back
-                del spec[name]
+        for name, section in adapter_sections(spec.adapter).items():
+            section.exported(spec[name])  # the section's own rule
         return spec
 
     def train(self, mode: bool = True) -> Adapter:

@@ -1,11 +1,16 @@
-"""Build an adapter from its spec: registry lookup, weights, freezing."""
+"""Build an adapter from its spec: registry lookup, weights, freezing.
+
+The adapter is given typed values: the spec as its schema's dataclass (`AdapterSpec` with its
+adapter's sections, interpolations resolved), not a config node."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.export import verify_export, weights_file
@@ -14,10 +19,21 @@ from mmkd.io import load_state_file
 from . import register_builtins
 from .base import ADAPTERS, Adapter
 
+if TYPE_CHECKING:
+    from mmkd.config.schema import AdapterSpec
 
-def build_adapter(spec: DictConfig, *, key: str = "student") -> Adapter:
-    """Instantiate `spec.adapter`, load `spec.weights` if set, freeze the encoder if asked."""
+
+def build_adapter(spec: DictConfig | AdapterSpec, *, key: str = "student") -> Adapter:
+    """Instantiate `spec.adapter`, load `spec.weights` if set, freeze the encoder if asked.
+    `spec`: a typed spec config node (composed, or `load_export_spec`'s), or its dataclass;
+    the adapter holds the dataclass, a copy (changing it leaves the config alone)."""
     register_builtins()
+    if isinstance(spec, DictConfig) and OmegaConf.get_type(spec) is dict:
+        raise TypeError(
+            f"{key}: build_adapter needs a typed spec (merged onto "
+            "OmegaConf.structured(mmkd.config.schema.adapter_schema(name))), not a plain mapping"
+        )
+    spec = OmegaConf.to_object(spec) if isinstance(spec, DictConfig) else copy.deepcopy(spec)
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
     adapter = adapter_cls(spec, key=key)
     if not adapter_cls.__module__.startswith("mmkd."):  # a plugin: its encoder is unchecked

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mmkd.errors import ConfigError, DataError
 
 from .audio import mono_float32, shift_and_gain
 from .base import ADAPTERS, Adapter, AdapterOutput, Batch, Preprocessor, ProjectionHead
-from .crepe_config import CAPACITIES
+from .crepe_config import CAPACITIES, CrepeCfg
+
+if TYPE_CHECKING:
+    from mmkd.config.schema import AdapterSpec
 
 SAMPLE_RATE = 16000  # torchcrepe.SAMPLE_RATE
 WINDOW = 1024  # torchcrepe.WINDOW_SIZE
@@ -72,9 +74,8 @@ class CrepePreprocessor(Preprocessor):
 
     modality = "audio"
 
-    def __init__(self, cfg: DictConfig) -> None:
-        keys = ("gain_db", "noise", "time_shift")
-        settings = {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}  # type: ignore[index]
+    def __init__(self, cfg: CrepeCfg) -> None:
+        settings = {k: getattr(cfg, k) for k in ("gain_db", "noise", "time_shift")}
         randomized = bool(cfg.gain_db or cfg.noise or cfg.time_shift)
         super().__init__(settings, randomized_in_training=randomized)
 
@@ -118,11 +119,10 @@ class CrepeAdapter(Adapter):
     """torchcrepe's CREPE: 360 sigmoid pitch bins per frame (`crepe.model`, `crepe.pretrained`)."""
 
     modality = "audio"
-    sections = ("crepe",)
     multilabel: ClassVar[bool] = True  # independent sigmoid outputs, not one softmax
     pitch_output: ClassVar[bool] = True  # its logits decode to pitch (mmkd.pitch)
 
-    def __init__(self, spec: DictConfig, *, key: str = "model") -> None:
+    def __init__(self, spec: AdapterSpec, *, key: str = "model") -> None:
         super().__init__(spec, key=key)
         self.head = ProjectionHead(self.feature_dim, None, None)  # no projection, no classifier
 

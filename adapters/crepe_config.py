@@ -10,7 +10,13 @@ from omegaconf import DictConfig
 
 from mmkd.errors import ConfigError
 
-from .sections import Section, check_choice, check_non_negative, check_positive
+from .sections import (
+    Section,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    register_adapter_config,
+)
 
 #: capacity multiplier of each CREPE size (Kim et al. 2018): channels = [32, 4, 4, 4, 8, 16] x c
 CAPACITIES = {"tiny": 4, "small": 8, "medium": 16, "large": 24, "full": 32}
@@ -53,3 +59,6 @@ class CrepeCfg(Section):
     @classmethod
     def exported(cls, cfg: DictConfig) -> None:
         cfg.pretrained = False
+
+
+register_adapter_config("crepe", crepe=CrepeCfg)

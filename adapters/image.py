@@ -262,7 +262,6 @@ class ImageAdapter(Adapter):
     """A timm backbone on images. Set `timm.model`, `image.in_chans` and `image.img_size`."""
 
     modality = "image"
-    sections = ("timm", "image")
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         if self.spec.image.in_chans not in PIL_MODES:
@@ -280,7 +279,7 @@ class ImageAdapter(Adapter):
         }
         resolved = resolve_data_config(args, model=self.encoder)
         for name in ("mean", "std"):
-            given = image[name]
+            given = getattr(image, name)
             if given is not None:
                 values = [float(v) for v in given]
                 resolved[name] = tuple(values * image.in_chans if len(values) == 1 else values)

@@ -1,4 +1,5 @@
-"""The `image` section: image preprocessing, resolved through timm's data config."""
+"""The `image` section: image preprocessing, resolved through timm's data config; the image
+adapter reads it and `timm`."""
 
 # OmegaConf reads these annotations at run time: keep typing.Optional/List here.
 # ruff: noqa: UP006, UP035, UP045
@@ -10,7 +11,14 @@ from omegaconf import DictConfig
 
 from mmkd.errors import ConfigError
 
-from .sections import Section, check_choice, check_non_negative, check_positive
+from .backbone_config import TimmCfg
+from .sections import (
+    Section,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    register_adapter_config,
+)
 
 
 @dataclass
@@ -51,3 +59,6 @@ class ImageCfg(Section):
                 )
         if cfg.std is not None and any(s <= 0 for s in cfg.std):
             raise ConfigError(f"{key}.std: every value must be > 0")
+
+
+register_adapter_config("image", timm=TimmCfg, image=ImageCfg)

@@ -15,6 +15,7 @@ Attentions need transformers' eager attention; the model switches to it when fir
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -34,12 +35,14 @@ from mmkd.errors import ConfigError, DataError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
 from .text_augment import TextAugment
+from .text_config import TextCfg
 from .text_init import TEXT_ASSETS, keep_layers, load_source_model, load_source_tokenizer
+from .text_rnn_config import TextRnnCfg
 
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(cfg: DictConfig, key: str) -> Any:
+def load_tokenizer(cfg: TextCfg, key: str) -> Any:
     """The tokenizer of `text.tokenizer` (or of `text.model`); a load failure names the key."""
     source = cfg.tokenizer or cfg.model
     try:
@@ -51,10 +54,9 @@ def load_tokenizer(cfg: DictConfig, key: str) -> Any:
         ) from None
 
 
-def load_text_model(cfg: DictConfig, key: str) -> nn.Module:
+def load_text_model(cfg: TextCfg, key: str) -> nn.Module:
     """Pretrained weights from a hub id / local folder, or a random init from its config."""
-    overrides = OmegaConf.to_container(cfg.config_overrides, resolve=True)
-    assert isinstance(overrides, dict)
+    overrides = copy.deepcopy(dict(cfg.config_overrides))
     remote = cfg.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
@@ -101,7 +103,7 @@ def _fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def make_text_augment(cfg: DictConfig, tokenizer: Any, key: str) -> TextAugment | None:
+def make_text_augment(cfg: TextCfg | TextRnnCfg, tokenizer: Any, key: str) -> TextAugment | None:
     """The views of section `cfg` (config key `key`, e.g. student.text), or None when they are
     off; the mask token defaults to the tokenizer's."""
     aug = cfg.augment
@@ -187,7 +189,6 @@ class TextAdapter(Adapter):
     """A transformers encoder. `text.model` is a hub id or a local folder."""
 
     modality = "text"
-    sections = ("text",)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         cfg = self.spec.text

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mmkd.errors import ConfigError
 
-from .sections import Section, check_choice, check_positive
+from .sections import Section, check_choice, check_positive, register_adapter_config
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TextCfg(Section):
         model = Path(cfg.model)
         if not model.is_absolute() and (folder / model).exists():
             cfg.model = str((folder / model).resolve())
+
+
+register_adapter_config("text", text=TextCfg)
 
 
 def check_augment(cfg: DictConfig, key: str) -> None:

@@ -69,7 +69,6 @@ class TextRnnAdapter(Adapter):
     """Embedding + (Bi)LSTM + pooling over real tokens. Settings: `text_rnn`."""
 
     modality = "text"
-    sections = ("text_rnn",)
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         cfg = self.spec.text_rnn

@@ -9,7 +9,13 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from .sections import Section, check_choice, check_non_negative, check_positive
+from .sections import (
+    Section,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    register_adapter_config,
+)
 from .text_config import TextAugmentCfg, check_augment
 
 
@@ -51,3 +57,6 @@ class TextRnnCfg(Section):
         tokenizer = Path(cfg.tokenizer)
         if not tokenizer.is_absolute() and (folder / tokenizer).exists():
             cfg.tokenizer = str((folder / tokenizer).resolve())
+
+
+register_adapter_config("text_rnn", text_rnn=TextRnnCfg)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Sequence
 
 import timm
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from mmkd.errors import ConfigError
 
 from . import cifar_models  # noqa: F401  (registers the CIFAR ResNets with timm)
+from .backbone_config import TimmCfg
 
 
-def create_backbone(cfg: DictConfig, *, in_chans: int, key: str) -> tuple[nn.Module, int]:
+def create_backbone(cfg: TimmCfg, *, in_chans: int, key: str) -> tuple[nn.Module, int]:
     """timm.create_model with the classifier removed (num_classes=0): returns (model, features)."""
-    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True)
-    assert isinstance(kwargs, dict)
+    kwargs = copy.deepcopy(dict(cfg.kwargs))
     if not timm.is_model(cfg.model):
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(close)}." if close else ""

@@ -26,7 +26,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmkd.adapters import Adapter, AdapterOutput
 from mmkd.adapters.base import class_scores
 from mmkd.checkpoint import ResumeRandomState
-from mmkd.config.validate import loss_sections
 from mmkd.errors import MMKDError
 from mmkd.losses import (
     FeatureTarget,
@@ -36,7 +35,7 @@ from mmkd.losses import (
     local_gather,
 )
 from mmkd.optim import make_optimizer, make_scheduler
-from mmkd.roles import SHORTHAND, student_slot, teacher_slot
+from mmkd.roles import SHORTHAND, loss_sections, student_slot, teacher_slot
 from mmkd.store import TeacherTargets
 from mmkd.teacher_source import (
     BuildTeacherStores,

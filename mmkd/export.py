@@ -127,9 +127,13 @@ def is_export(folder: str | Path) -> bool:
 
 
 def load_export_spec(folder: str | Path) -> DictConfig:
-    """The adapter spec of an exported model folder, with its asset paths made absolute."""
+    """The adapter spec of an exported model folder, typed for its adapter, with its asset
+    paths made absolute. Exports written before specs held only their adapter's sections hold
+    every built-in section and an empty `options`: those the adapter does not read are dropped."""
+    from mmkd.adapters import adapter_sections
+    from mmkd.config.choices import drop_unread_sections
     from mmkd.config.compose import register_resolvers
-    from mmkd.config.schema import ADAPTER_SECTIONS, AdapterSpec
+    from mmkd.config.schema import adapter_schema
 
     register_resolvers()  # the defaults of sections an export omits may use ${package_dir:...}
     folder = Path(folder)
@@ -139,10 +143,16 @@ def load_export_spec(folder: str | Path) -> DictConfig:
             f"{folder}: no {SPEC}; expected a run's exported model folder (RUN_DIR/student)"
         )
     try:
-        spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), OmegaConf.load(spec_file))
+        saved = OmegaConf.load(spec_file)
+        adapter = str(saved.get("adapter") or "image")
+        schema = adapter_schema(adapter, key=f"{spec_file}: adapter")
+        drop_unread_sections(saved, adapter, old_layout=True)
+        spec = OmegaConf.merge(OmegaConf.structured(schema), saved)
+    except ConfigError:  # an adapter that is not registered (a plugin not imported)
+        raise
     except Exception as err:  # yaml or schema error: the file is damaged or from another version
         raise CheckpointError(f"{spec_file}: cannot be read as an adapter spec ({err})") from None
-    for name, section in ADAPTER_SECTIONS.items():
+    for name, section in adapter_sections(adapter).items():
         section.from_export(spec[name], folder)
     return spec
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mmkd.adapters import build_adapter
 from mmkd.cli import command_parser
 from mmkd.config import compose, validate
-from mmkd.config.validate import adapter_specs
 from mmkd.models import adopt_exported_specs
+from mmkd.roles import adapter_specs
 
 
 def describe_layers(cfg: DictConfig) -> list[str]:
@@ -25,7 +25,7 @@ def describe_layers(cfg: DictConfig) -> list[str]:
     adopt_exported_specs(cfg)
     lines: list[str] = []
     for key, spec in adapter_specs(cfg):
-        spec = OmegaConf.create(OmegaConf.to_container(spec))
+        spec = spec.copy()  # typed, as composed
         spec.weights = None  # the architecture is what matters; weights change no shape
         if spec.head.classifier and spec.head.num_classes is None:
             spec.head.num_classes = 1

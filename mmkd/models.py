@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
 from mmkd.config.compose import command_line_keys
-from mmkd.config.validate import adapter_specs
+from mmkd.config.schema import adapter_schema
 from mmkd.data.base import DatasetSplits
 from mmkd.errors import CheckpointError, ConfigError
 from mmkd.export import SPEC, load_export_spec
-from mmkd.roles import student_slots, teacher_slots
+from mmkd.roles import adapter_specs, student_slots, teacher_slots
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,14 @@ def adopt_exported_specs(cfg: DictConfig) -> None:
         log.info("%s: architecture taken from %s", key, Path(spec.weights) / SPEC)
         apply_command_line(cfg, key, spec, saved)
         # what the spec holds beyond the model (a teacher's `losses`) stays as configured
-        kept = {name: spec[name] for name in spec if name not in saved}
-        node = OmegaConf.merge(
-            OmegaConf.structured(OmegaConf.get_type(spec)), OmegaConf.to_container(saved), kept
+        losses = spec.get("losses")
+        kept = {} if losses is None else {"losses": losses}
+        schema = adapter_schema(
+            str(saved.adapter),
+            f"{key}.adapter",
+            None if losses is None else OmegaConf.get_type(losses),
         )
+        node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(saved), kept)
         OmegaConf.update(cfg, key, node, merge=False)
 
 

@@ -9,6 +9,7 @@ of applying the naming rules itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -70,3 +71,30 @@ def student_slots(cfg: DictConfig) -> dict[str, Slot]:
 def is_teacher_role(role: str) -> bool:
     """Whether data role `role` is a teacher's ("teacher" or "teacher_NAME")."""
     return role == SHORTHAND or role.startswith(TEACHER_ROLE_PREFIX)
+
+
+def adapter_specs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """(key, spec) for every model in the run: teacher(s), student and extra students."""
+    if cfg.teacher is not None:
+        yield "teacher", cfg.teacher
+    for name, spec in cfg.teachers.items():
+        yield f"teachers.{name}", spec
+    yield "student", cfg.student
+    for name, spec in cfg.extra_students.items():
+        yield f"extra_students.{name}", spec
+
+
+def loss_sections(
+    cfg: DictConfig, one_teacher: bool | None = None
+) -> Iterator[tuple[str, DictConfig, str, str | None]]:
+    """(config key, losses section, scope, teacher name) of every group of loss terms: the
+    one-teacher `losses` (every term), or with `teachers` each teacher's `losses` (its terms)
+    and the top-level `losses` (label terms). `one_teacher`: whether the shorthand's teacher
+    exists (default: whether `teacher` is set)."""
+    if cfg.teachers:
+        for name, spec in cfg.teachers.items():
+            yield f"teachers.{name}.losses", spec.losses, "teacher", str(name)
+        yield "losses", cfg.losses, "labels", None
+    else:
+        one = cfg.teacher is not None if one_teacher is None else one_teacher
+        yield "losses", cfg.losses, "all", SHORTHAND if one else None

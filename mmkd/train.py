@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from mmkd.adapters import adapter_sections
 from mmkd.callbacks import EpochTimer, TrackTrainedBatches
 from mmkd.checkpoint import (
     CheckpointOnInterrupt,
@@ -49,6 +50,7 @@ from mmkd.loggers import LogRunConfig, build_loggers, log_final_metrics, trim_cs
 from mmkd.models import build_models
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
+from mmkd.roles import adapter_specs
 from mmkd.teacher_source import check_student_views, fit_view_policy
 
 log = logging.getLogger("mmkd")
@@ -74,10 +76,23 @@ def absolute_data_paths(data: DictConfig) -> None:
     keys = [*DataCfg.paths]
     for name, section in dataset_sections(data.name).items():
         keys += [f"{name}.{key}" for key in section.paths]
+    absolute_paths(data, keys)
+
+
+def absolute_model_paths(cfg: DictConfig) -> None:
+    """The path keys each model's adapter sections declare (`paths`; the built-in ones declare
+    none, as their sources may be hub ids), made absolute like the data paths."""
+    for key, spec in adapter_specs(cfg):
+        sections = adapter_sections(spec.adapter, f"{key}.adapter").items()
+        absolute_paths(spec, [f"{name}.{field}" for name, cls in sections for field in cls.paths])
+
+
+def absolute_paths(node: DictConfig, keys: Sequence[str]) -> None:
+    """Each of `keys` of `node` that holds a relative path, resolved against the working folder."""
     for key in keys:
-        value = OmegaConf.select(data, key)
+        value = OmegaConf.select(node, key)
         if value and not Path(value).is_absolute():
-            OmegaConf.update(data, key, str(Path(value).resolve()))
+            OmegaConf.update(node, key, str(Path(value).resolve()))
 
 
 class RunInterrupted(MMKDError):
@@ -151,6 +166,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     run_dir = resolve_run_dir(cfg)
     resume = check_run_dir(cfg, run_dir)
     absolute_data_paths(cfg.data)
+    absolute_model_paths(cfg)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     splits = build_splits(cfg.data)
     teachers, students = build_models(cfg, splits)

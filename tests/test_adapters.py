@@ -16,7 +16,7 @@ from PIL import Image
 from tiny import TINY_SPECS, tiny_spec
 
 from mmkd.adapters import ADAPTERS, Adapter, build_adapter
-from mmkd.config.schema import ADAPTER_SECTIONS
+from mmkd.adapters.sections import adapter_sections, section_names
 from mmkd.errors import CheckpointError, ConfigError, DataError
 from mmkd.export import SPEC, WEIGHTS, load_export_spec
 from mmkd.io import save_state
@@ -194,7 +194,7 @@ READS = {
     "audio_wav2vec2": {"audio", "wav2vec2"},
     "audio_hubert": {"audio", "wav2vec2"},
 }
-SECTIONS = set(ADAPTER_SECTIONS)  # every adapter section of the schema
+SECTIONS = set(section_names())  # every registered adapter section
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -202,15 +202,20 @@ def test_export_spec_switches_pretrained_sources_off(name: str, tmp_path: Path) 
     adapter = build(name)
     spec = adapter.spec
     spec.weights = "somewhere.safetensors"
-    spec.timm.pretrained = True
-    spec.timm.pretrained_file = "backbone.pth"
-    spec.text.pretrained = True
-    spec.wav2vec2.weights_file = "w2v.safetensors"
+    switches = [
+        ("timm", "pretrained", True),
+        ("timm", "pretrained_file", "backbone.pth"),
+        ("text", "pretrained", True),
+        ("wav2vec2", "weights_file", "w2v.safetensors"),
+    ]
+    switches = [(s, f, v) for s, f, v in switches if s in READS[name]]  # the spec's sections
+    for section, field, value in switches:
+        setattr(getattr(spec, section), field, value)
     exported = adapter.export_spec(tmp_path)
     assert exported.weights is None
-    # only the sections the adapter reads, plus every common field
-    assert set(exported) & SECTIONS == READS[name] == set(type(adapter).read_sections())
-    assert set(exported) - SECTIONS == set(spec) - SECTIONS
+    # only the sections the adapter reads (all its spec holds), plus every common field
+    assert set(exported) & SECTIONS == READS[name] == set(adapter_sections(name))
+    assert set(exported) - SECTIONS == {"adapter", "weights", "freeze_encoder", "features", "head"}
     if "timm" in READS[name]:
         assert exported.timm.pretrained is False and exported.timm.pretrained_file is None
         assert exported.timm.model == spec.timm.model  # the rest of the section is kept
@@ -220,8 +225,9 @@ def test_export_spec_switches_pretrained_sources_off(name: str, tmp_path: Path) 
         assert exported.wav2vec2.weights_file is None
         assert exported.wav2vec2.overrides == spec.wav2vec2.overrides
     # the adapter's own spec is left alone
-    assert spec.timm.pretrained is True and spec.weights == "somewhere.safetensors"
-    assert spec.text.pretrained is True and spec.wav2vec2.weights_file == "w2v.safetensors"
+    assert spec.weights == "somewhere.safetensors"
+    for section, field, value in switches:
+        assert getattr(getattr(spec, section), field) == value
     assert OmegaConf.to_yaml(exported)  # plain values only: interpolations are resolved
     if name == "text":
         assert exported.text.model == "text" and (tmp_path / "text" / "config.json").is_file()

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mmkd.adapters import build_adapter
 from mmkd.adapters.crepe import CrepePreprocessor, crepe_module
-from mmkd.config.schema import AdapterSpec, data_schema
+from mmkd.config.schema import AdapterSpec, adapter_schema, data_schema
 from mmkd.data import build_splits
 from mmkd.data.folder import index_folder
 from mmkd.data.frames import FramesDataset
@@ -51,7 +51,7 @@ def write_clips(root: Path, lengths: dict[str, tuple[float, int]]) -> Path:
 
 def crepe_spec(**crepe) -> AdapterSpec:
     return OmegaConf.merge(
-        OmegaConf.structured(AdapterSpec),
+        OmegaConf.structured(adapter_schema("crepe")),
         {"adapter": "crepe", "crepe": crepe, "head": {"classifier": False}},
     )
 

@@ -12,11 +12,11 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from tiny import small_run, tiny_overrides, tiny_spec
+from tiny import small_run, tiny_overrides, tiny_spec, typed_spec
 
 from mmkd.adapters import build_adapter
 from mmkd.config import compose, validate
-from mmkd.config.schema import Config, TeacherSpec
+from mmkd.config.schema import Config
 from mmkd.distill_module import DistillModule
 from mmkd.errors import ConfigError
 from mmkd.store import TeacherStore
@@ -24,8 +24,7 @@ from mmkd.train import main
 
 
 def teacher_spec(name: str) -> OmegaConf:
-    plain = OmegaConf.to_container(tiny_spec(name))
-    return OmegaConf.merge(OmegaConf.structured(TeacherSpec), plain)
+    return typed_spec(OmegaConf.to_container(tiny_spec(name)), teacher=True)
 
 
 def two_teacher_module() -> DistillModule:

@@ -26,8 +26,8 @@ def readme_plugin(name: str) -> str:
     match = re.search(r"<!-- plugin-example: my_teacher.py -->\n```python\n(.*?)```", text, re.S)
     assert match, "README lost its plugin example"
     code = match.group(1)
-    assert '@ADAPTERS.register("inhouse")' in code
-    return code.replace('register("inhouse")', f'register("{name}")')
+    assert 'NAME = "inhouse"' in code and "@ADAPTERS.register(NAME)" in code
+    return code.replace('NAME = "inhouse"', f'NAME = "{name}"')
 
 
 def write_plugin(folder: Path, module: str, adapter: str) -> Path:
@@ -74,7 +74,7 @@ def test_run_plugins_trains_with_an_out_of_tree_adapter(tmp_path, monkeypatch, c
         tmp_path / "run",
         "inhouse_a",
         "run.plugins=[my_teacher_a]",
-        f"teacher.options.checkpoint={checkpoint}",
+        f"teacher.inhouse.checkpoint={checkpoint}",
     )
     assert "my_teacher_a" in sys.modules
     assert metrics["teacher/params"] == params  # the in-house net, no head on a teacher

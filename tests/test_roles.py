@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
-from tiny import tiny_spec
+from tiny import tiny_spec, typed_spec
 
-from mmkd.config.schema import Config, TeacherSpec
+from mmkd.config.schema import Config
 from mmkd.errors import ConfigError
 from mmkd.roles import Slot, is_teacher_role, student_slots, teacher_slots
 
@@ -15,16 +15,13 @@ from mmkd.roles import Slot, is_teacher_role, student_slots, teacher_slots
 def config(**teachers: str):
     cfg = OmegaConf.structured(Config)
     for name, kind in teachers.items():
-        plain = OmegaConf.to_container(tiny_spec(kind))
-        cfg.teachers[name] = OmegaConf.merge(OmegaConf.structured(TeacherSpec), plain)
+        cfg.teachers[name] = typed_spec(OmegaConf.to_container(tiny_spec(kind)), teacher=True)
     return cfg
 
 
 def test_the_shorthand_teacher_and_named_teachers_resolve_to_slots() -> None:
     cfg = config()
-    cfg.teacher = OmegaConf.merge(
-        OmegaConf.structured(TeacherSpec), OmegaConf.to_container(tiny_spec("image"))
-    )
+    cfg.teacher = tiny_spec("image")
     assert teacher_slots(cfg) == {"teacher": Slot("teacher", "teacher", "teacher", "")}
     named = teacher_slots(config(image="image", text="text"))
     assert named["image"] == Slot("image", "teachers.image", "teacher_image", "image/")

@@ -9,7 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd.config.compose import register_resolvers
-from mmkd.config.schema import AdapterSpec
+from mmkd.config.schema import LossesCfg, adapter_schema
 
 TINY_TEXT = {
     "pretrained": False,  # the MiniLM folder only gives the tokenizer and config
@@ -67,10 +67,18 @@ TINY_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+def typed_spec(plain: Any, *, teacher: bool = False) -> DictConfig:
+    """The spec mapping `plain` on its adapter's schema (with the built-in loss terms'
+    `losses` for a teacher of several: `teacher=True`)."""
+    register_resolvers()
+    adapter = str(plain.get("adapter") or "image")
+    schema = adapter_schema(adapter, losses=LossesCfg if teacher else None)
+    return OmegaConf.merge(OmegaConf.structured(schema), plain)
+
+
 def tiny_spec(name: str, **overrides: Any) -> DictConfig:
     """A typed AdapterSpec for adapter `name`; `overrides` are dotted keys, e.g. head__embed_dim."""
-    register_resolvers()
-    spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), TINY_SPECS[name])
+    spec = typed_spec(TINY_SPECS[name])
     spec.head.embed_dim = spec.head.embed_dim or 16
     spec.head.num_classes = spec.head.num_classes or 3
     for key, value in overrides.items():

@@ -7,6 +7,7 @@ from mmkd.config.schema import (
     DataCfg,
     LossesCfg,
     TrainerCfg,
+    adapter_schema,
     run_schema,
 )
 from mmkd.config.validate import validate
@@ -18,6 +19,7 @@ __all__ = [
     "DataCfg",
     "LossesCfg",
     "TrainerCfg",
+    "adapter_schema",
     "compose",
     "compose_saved",
     "default_config_dir",

@@ -9,6 +9,14 @@ A `defaults:` entry is `group: name` (load configs/group/name.yaml into that key
 `key: group/name` (load another group's file into `key`, e.g. `extra_students.image: student/x`).
 `name` may be `none` to set the key to null (e.g. `teacher=none`).
 
+Each model's spec (`teacher`, `student`, `teachers.NAME`, `extra_students.NAME`) holds only the
+sections of the adapter finally chosen for it: a section of another adapter set in an
+experiment or on the command line is refused, naming the key. A config group file's sections
+belong with the adapter that file names: when a later layer picks another adapter for that key
+(`student=tiny_image student.adapter=audio_cnn`), the file's sections the new adapter does not
+read are dropped, and its common fields (`head`, `features`, ...) are kept (the choices and
+these rules: `mmkd.config.choices`).
+
 Files are looked up first in the user's config folder (`run.config_path=DIR`, laid out like
 `configs/`), then in mmkd's own config groups, so a project keeps its experiments beside
 mmkd's and may replace any of its files.
@@ -20,36 +28,21 @@ import importlib.util
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
-from mmkd.config.schema import DataCfg, run_schema
+from mmkd.config.choices import (
+    Choices,
+    chosen_schema,
+    drop_unread_sections,
+    select,
+    unknown_section,
+)
 from mmkd.data import DATASETS, dataset_sections
 from mmkd.errors import ConfigError
-from mmkd.plugins import import_plugins
 
 CONFIG_GROUPS = ("data", "teacher", "student", "losses", "trainer", "experiment")
-
-# id(config) -> (the config, what its config group files alone gave): see `group_defaults`
-_GROUP_DEFAULTS: dict[int, tuple[weakref.ref, DictConfig]] = {}
-
-
-def group_defaults(cfg: DictConfig) -> DictConfig | None:
-    """The schema's defaults with the group files of `cfg`'s defaults list merged in (e.g.
-    `student: tiny_image`), before its experiment body and command line: for a config
-    `compose` returned, else None. Validation treats these values as defaults, so a section
-    that a group file set for another adapter (`student=tiny_image student.adapter=audio_cnn`
-    leaves tiny_image's timm settings) is not taken for a change the user made."""
-    entry = _GROUP_DEFAULTS.get(id(cfg))
-    return entry[1] if entry is not None and entry[0]() is cfg else None
-
-
-def _remember_group_defaults(cfg: DictConfig, defaults: DictConfig) -> None:
-    key = id(cfg)
-    _GROUP_DEFAULTS[key] = (weakref.ref(cfg, lambda _: _GROUP_DEFAULTS.pop(key, None)), defaults)
-
 
 # id(config) -> (the config, the keys its command line set): see `command_line_keys`
 _COMMAND_LINE: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
@@ -100,56 +93,13 @@ def describe_config_error(err: OmegaConfBaseException) -> str:
 
 
 def _merge(
-    cfg: DictConfig, other: DictConfig | dict, source: str, dataset: str | None = None
+    cfg: DictConfig, other: DictConfig | dict, source: str, choices: Choices | None = None
 ) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as err:
-        message = _unknown_section(dataset, err, other) or describe_config_error(err)
+        message = unknown_section(choices, err, other) or describe_config_error(err)
         raise ConfigError(f"{source}: {message}") from None
-
-
-def _unknown_section(
-    dataset: str | None, err: OmegaConfBaseException, given: DictConfig | dict
-) -> str | None:
-    """The error for a `data.<section>` of a dataset other than the chosen `dataset` (the
-    schema holds only the sections it reads), naming the first key `given` sets there; None
-    for any other error."""
-    parts = str(getattr(err, "full_key", None) or "").split(".")
-    if not isinstance(err, ConfigKeyError) or dataset is None or parts[0] != "data":
-        return None
-    if len(parts) != 2 or parts[1] not in DATASETS or parts[1] == dataset:
-        return None
-    key = f"data.{parts[1]}"
-    section = OmegaConf.select(OmegaConf.create(given), key)
-    while isinstance(section, DictConfig) and len(section):
-        field = next(iter(section))
-        key, section = f"{key}.{field}", section[field]
-    reads = ", ".join(f"data.{name}" for name in dataset_sections(dataset)) or "no section"
-    return f"{key}: a setting of dataset {parts[1]}, but data.name={dataset} (which reads {reads})"
-
-
-def chosen_schema(layers: Sequence[DictConfig]) -> tuple[type, str]:
-    """The run's schema for the config `layers` (merged in order): import the modules their
-    `run.plugins` name (so the datasets and loss terms they register have sections), then
-    join the chosen dataset's section(s) (`data.name`) and every loss term's to `Config`.
-    Returns the schema and the chosen dataset's name."""
-    plain: DictConfig = OmegaConf.create()
-    for layer in layers:  # untyped: only to read two keys; the typed merge reports errors
-        try:
-            plain = OmegaConf.merge(plain, layer)
-        except OmegaConfBaseException:
-            continue
-    import_plugins([str(m) for m in _select(plain, "run.plugins") or []])
-    dataset = str(_select(plain, "data.name") or DataCfg.name)
-    return run_schema(dataset), dataset
-
-
-def _select(cfg: DictConfig, key: str) -> Any:
-    try:
-        return OmegaConf.select(cfg, key, default=None)
-    except OmegaConfBaseException:  # an interpolation that cannot resolve yet
-        return None
 
 
 def _load_yaml(search: Sequence[Path], relative: str, what: str) -> DictConfig:
@@ -216,59 +166,76 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         body.append((exp, f"experiment/{experiment}.yaml"))
     choices.update(cli_choices)
 
-    groups = [
-        (
-            OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node),
-            f"{key}={choice}",
-        )
-        for key, choice in choices.items()
-        for node in [_group_node(search, key, str(choice))]
-    ]
+    files = {key: _group_node(search, key, str(choice)) for key, choice in choices.items()}
     try:
         cli = OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    schema, dataset = chosen_schema([node for node, _ in (*groups, *body, (cli, ""))])
+    nested = [_group_layer(key, node) for key, node in files.items()]
+    schema, chosen = chosen_schema([*nested, *(node for node, _ in body), cli])
+    for key, node in files.items():  # a group file's sections for an adapter not chosen
+        adapter = chosen.adapters.get(key)
+        if node is not None and adapter and str(node.get("adapter") or adapter) != adapter:
+            drop_unread_sections(node, adapter)
     cfg = OmegaConf.structured(schema)
-    for node, source in groups:
-        cfg = _merge(cfg, node, source, dataset)
-    defaults = cfg.copy()
+    for key, node in files.items():
+        cfg = _merge(cfg, _group_layer(key, node), f"{key}={choices[key]}", chosen)
     required: set[str] = set()
     for node, source in body:
         required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
-        cfg = _merge(cfg, node, source, dataset)
+        cfg = _merge(cfg, node, source, chosen)
     for key in required:  # merging "???" keeps the old value; mark the key missing again
         OmegaConf.update(cfg, key, "???")
     if experiment:
         cfg.run.name = experiment
-    cfg = _merge(cfg, cli, "command line", dataset)
+    cfg = _merge(cfg, cli, "command line", chosen)
     _replace_free_mappings(cfg, dotlist)
+    _set_exported_adapters(cfg, chosen)
     if len(search) > 1:  # saved absolute, so the run's config.yaml works from any folder
         cfg.run.config_path = str(search[0])
-    _remember_group_defaults(cfg, defaults)
     _remember_command_line(cfg, dotlist)
     return cfg
 
 
+def _set_exported_adapters(cfg: DictConfig, chosen: Choices) -> None:
+    """A model whose weights are an exported folder of another adapter than the one configured
+    was given that adapter's schema: name it in its `adapter` too."""
+    for key, adapter in chosen.adapters.items():
+        spec = select(cfg, key)
+        if isinstance(spec, DictConfig) and spec.adapter != adapter:
+            spec.adapter = adapter
+
+
+def _group_layer(key: str, node: DictConfig | None) -> DictConfig:
+    """A group file's content placed at `key` (null for `key=none`)."""
+    return OmegaConf.from_dotlist([f"{key}=null"]) if node is None else _nest(key, node)
+
+
 def compose_saved(saved: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """A run's saved config.yaml with `key=value` `overrides`, on the run's typed schema (its
-    plugins imported). Compatibility: configs saved before datasets owned their sections hold
-    every built-in dataset's section (and `data.options`); the sections the chosen dataset does
-    not read were never read, and are dropped on load."""
+    plugins imported). Compatibility: configs saved before datasets and adapters owned their
+    sections hold every built-in dataset's section (and `data.options`) and, in each model's
+    spec, every built-in adapter's section (and `options`); the sections the chosen dataset or
+    adapter does not read were never read, and are dropped on load (a non-empty `options` is
+    refused: its plugin adapter now declares a section)."""
     register_resolvers()
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise ConfigError(f"command line: {describe_config_error(err)}") from None
-    schema, dataset = chosen_schema([saved, cli])
+    schema, chosen = chosen_schema([saved, cli])
     saved = saved.copy()
     data = saved.get("data")
     if isinstance(data, DictConfig):
-        read = dataset_sections(dataset)
+        read = dataset_sections(chosen.dataset)
         for name in [k for k in data if (k in DATASETS or k == "options") and k not in read]:
             data.pop(name)
-    cfg = _merge(OmegaConf.structured(schema), saved, "config.yaml", dataset)
-    return _merge(cfg, cli, "command line", dataset)
+    for key, adapter in chosen.adapters.items():
+        spec = select(saved, key)
+        if isinstance(spec, DictConfig):
+            drop_unread_sections(spec, adapter, old_layout=True)
+    cfg = _merge(OmegaConf.structured(schema), saved, "config.yaml", chosen)
+    return _merge(cfg, cli, "command line", chosen)
 
 
 def _replace_free_mappings(cfg: DictConfig, dotlist: list[str]) -> None:

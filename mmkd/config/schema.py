@@ -1,7 +1,8 @@
 """The typed config schema. The keys every run has are declared here, with their type and
-default; the sections of the chosen dataset and of every loss term are declared by the
-registries (each entry's `Config` dataclass) and joined to these by `run_schema` when a config
-is composed, so a plugin's section is typed and checked like a built-in one.
+default; the sections of the chosen dataset, of each model's adapter and of every loss term are
+declared by the registries (each entry's `Config` dataclass / sections) and joined to these by
+`run_schema` when a config is composed, so a plugin's section is typed and checked like a
+built-in one, and a spec holds only the sections of its own adapter.
 
 Configs are merged onto `OmegaConf.structured(run_schema(...))`, so an unknown key or a value
 of the wrong type fails at start-up naming the key. Range and cross-field checks live in each
@@ -11,17 +12,11 @@ section's `check` and in `mmkd.config.validate`.
 # OmegaConf reads these annotations at run time: keep typing.Optional/List/Dict here.
 # ruff: noqa: UP006, UP035, UP045
 
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
-# Each adapter family's sections live beside its code, in light modules (no model libraries)
-from mmkd.adapters.audio_config import AudioCfg, AudioCnnCfg, Wav2Vec2Cfg
-from mmkd.adapters.backbone_config import TimmCfg
-from mmkd.adapters.crepe_config import CrepeCfg
-from mmkd.adapters.image_config import ImageCfg
-from mmkd.adapters.sections import Section
-from mmkd.adapters.text_config import TextCfg
-from mmkd.adapters.text_rnn_config import TextRnnCfg
+# each adapter family declares its sections beside its code, in light modules (no model library)
+from mmkd.adapters import adapter_sections
 from mmkd.data import dataset_sections
 from mmkd.data.av_digits import AvDigitsCfg
 from mmkd.data.demo import DemoCfg
@@ -64,7 +59,8 @@ class HeadCfg:
 
 @dataclass
 class AdapterSpec:
-    """One model: preprocessing + encoder + head. `adapter` picks the implementation."""
+    """One model: preprocessing + encoder + head. `adapter` picks the implementation; the
+    sections it reads (`student.timm`, `student.image`, ...) are added by `adapter_schema`."""
 
     # registry name: image | text | text_rnn | audio_cnn | audio_timm | audio_wav2vec2 |
     # audio_hubert | crepe
@@ -77,25 +73,23 @@ class AdapterSpec:
     # ask for the layers of their `pairs` themselves; a wrong name fails at start-up
     features: List[str] = field(default_factory=list)
     head: HeadCfg = field(default_factory=HeadCfg)
-    # the sections of the built-in adapters; an adapter reads those it names in
-    # `Adapter.sections`, and a section it does not read must keep its defaults
-    timm: TimmCfg = field(default_factory=TimmCfg)
-    image: ImageCfg = field(default_factory=ImageCfg)
-    text: TextCfg = field(default_factory=TextCfg)
-    text_rnn: TextRnnCfg = field(default_factory=TextRnnCfg)
-    audio: AudioCfg = field(default_factory=AudioCfg)
-    cnn: AudioCnnCfg = field(default_factory=AudioCnnCfg)
-    wav2vec2: Wav2Vec2Cfg = field(default_factory=Wav2Vec2Cfg)
-    crepe: CrepeCfg = field(default_factory=CrepeCfg)
-    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for plugin adapters
 
 
-#: name -> section class of every adapter section of `AdapterSpec` (timm, image, text, ...)
-ADAPTER_SECTIONS: Dict[str, type[Section]] = {
-    f.name: f.default_factory
-    for f in fields(AdapterSpec)
-    if isinstance(f.default_factory, type) and issubclass(f.default_factory, Section)
-}
+def adapter_schema(
+    adapter: str, key: str = "student.adapter", losses: Optional[type] = None
+) -> type[AdapterSpec]:
+    """`AdapterSpec` with the sections adapter `adapter` reads (from the adapter config
+    registry, `mmkd.adapters.adapter_sections`), and only those: a section of another adapter
+    is an unknown key. With `losses` (a losses schema), a `TeacherSpec` of several teachers.
+    `key` names the spec's `adapter` in the error for an unknown name."""
+    sections = [
+        (name, cls, field(default_factory=cls))
+        for name, cls in adapter_sections(adapter, key).items()
+    ]
+    if losses is None:
+        return make_dataclass("AdapterSpec", sections, bases=(AdapterSpec,))
+    teacher = [*sections, ("losses", losses, field(default_factory=losses))]
+    return make_dataclass("TeacherSpec", teacher, bases=(TeacherSpec,))
 
 
 # --------------------------------------------------------------------------- data
@@ -305,19 +299,45 @@ def data_schema(dataset: str) -> type[DataCfg]:
     )
 
 
-def run_schema(dataset: str = "demo") -> type[Config]:
-    """The schema of a run on dataset `dataset`: `Config` with the sections of that dataset
-    and of every registered loss term (import plugins first, so theirs are included)."""
+def run_schema(dataset: str = "demo", adapters: Optional[Dict[str, str]] = None) -> type[Config]:
+    """The schema of a run on dataset `dataset` whose models use `adapters` (model key ->
+    adapter name, for `teacher`, `student`, `teachers.NAME` and `extra_students.NAME`; default:
+    an image student, no teacher): `Config` with the sections of that dataset, of each model's
+    adapter, and of every registered loss term (import plugins first, so theirs are included)."""
+    adapters = {"student": AdapterSpec.adapter} if adapters is None else adapters
     losses = losses_schema()
-    teacher = make_dataclass(
-        "TeacherSpec", [("losses", losses, field(default_factory=losses))], bases=(TeacherSpec,)
-    )
     data = data_schema(dataset)
+
+    def spec(key: str, teacher_losses: Optional[type] = None) -> type[AdapterSpec]:
+        return adapter_schema(
+            adapters.get(key, AdapterSpec.adapter), f"{key}.adapter", teacher_losses
+        )
+
+    def named(group: str, teacher_losses: Optional[type] = None) -> Dict[str, type]:
+        prefix = f"{group}."
+        names = [key[len(prefix) :] for key in adapters if key.startswith(prefix)]
+        return {name: spec(f"{prefix}{name}", teacher_losses) for name in names}
+
+    teachers, extra_students = named("teachers", losses), named("extra_students")
+    teacher = (
+        field(default_factory=spec("teacher")) if "teacher" in adapters else field(default=None)
+    )
     return make_dataclass(
         "Config",
         [
             ("data", data, field(default_factory=data)),
-            ("teachers", Dict[str, teacher], field(default_factory=dict)),
+            ("teacher", Optional[AdapterSpec], teacher),
+            ("student", AdapterSpec, field(default_factory=spec("student"))),
+            (
+                "teachers",
+                Dict[str, TeacherSpec],
+                field(default_factory=lambda: {n: cls() for n, cls in teachers.items()}),
+            ),
+            (
+                "extra_students",
+                Dict[str, AdapterSpec],
+                field(default_factory=lambda: {n: cls() for n, cls in extra_students.items()}),
+            ),
             ("losses", losses, field(default_factory=losses)),
         ],
         bases=(Config,),

@@ -5,12 +5,11 @@ Each failure raises `ConfigError` naming the key, before any model or data is bu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from omegaconf import DictConfig, OmegaConf
 
-from mmkd.config.compose import group_defaults
+from mmkd.adapters import adapter_sections
 from mmkd.errors import ConfigError
+from mmkd.roles import adapter_specs, loss_sections
 
 CHOICES = {
     "optim.name": ("adamw", "sgd"),
@@ -35,17 +34,6 @@ NON_NEGATIVE = (
 )
 
 
-def adapter_specs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
-    """(key, spec) for every model in the run: teacher(s), student and extra students."""
-    if cfg.teacher is not None:
-        yield "teacher", cfg.teacher
-    for name, spec in cfg.teachers.items():
-        yield f"teachers.{name}", spec
-    yield "student", cfg.student
-    for name, spec in cfg.extra_students.items():
-        yield f"extra_students.{name}", spec
-
-
 def _get(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
@@ -65,39 +53,26 @@ def _check_range(cfg: DictConfig, key: str, positive: bool, prefix: str = "") ->
         raise ConfigError(f"{prefix}{key}: must be {bound}, got {value}")
 
 
-def _check_adapter(key: str, spec: DictConfig, composed: DictConfig | None) -> None:
-    """The common fields here; each section by its own `check`, for the sections the adapter
-    reads. A section it does not read must keep its defaults (a change there would be lost);
-    `composed` is the spec as the config group files gave it, whose values count as defaults."""
+def _check_adapter(key: str, spec: DictConfig) -> None:
+    """The common fields here; each section by its own `check`. The spec holds the sections of
+    its adapter (the schema is built for it at compose time): a missing one means the adapter
+    was changed on a config composed for another."""
     from mmkd.adapters import ADAPTERS  # heavy import (timm, transformers): only when validating
-    from mmkd.config.schema import ADAPTER_SECTIONS
 
     prefix = f"{key}."
-    adapter_cls = ADAPTERS.get(spec.adapter, key=f"{prefix}adapter")
+    ADAPTERS.get(spec.adapter, key=f"{prefix}adapter")
     for sub in ("head.embed_dim", "head.hidden_dim", "head.num_classes"):
         _check_range(spec, sub, positive=True, prefix=prefix)
     if not 0 <= spec.head.dropout < 1:
         raise ConfigError(f"{prefix}head.dropout: must be in [0, 1), got {spec.head.dropout}")
-    read = adapter_cls.read_sections()
-    unknown = [name for name in read if name not in ADAPTER_SECTIONS]
-    if unknown:
-        raise ConfigError(
-            f"{prefix}adapter: {spec.adapter} reads unknown sections {', '.join(unknown)} "
-            f"(valid: {', '.join(ADAPTER_SECTIONS)}; free-form settings go in {prefix}options)"
-        )
-    for name, section in ADAPTER_SECTIONS.items():
-        if name in read:
-            section.check(spec[name], f"{prefix}{name}")
-            continue
-        base = OmegaConf.select(composed, name) if composed is not None else None
-        changed = section.changed(spec[name], base)
-        if changed:
-            reads = ", ".join(read) or "none of them"
+    for name, section in adapter_sections(spec.adapter, f"{prefix}adapter").items():
+        if name not in spec:
             raise ConfigError(
-                f"{prefix}{name}: the {spec.adapter} adapter does not read {name} settings "
-                f"(it reads {reads}); changed from the defaults: "
-                + ", ".join(f"{name}.{field}" for field in changed)
+                f"{prefix}{name}: missing; this config was not composed for "
+                f"{prefix}adapter={spec.adapter} (mmkd.config.compose builds each spec's schema "
+                "for its adapter)"
             )
+        section.check(spec[name], f"{prefix}{name}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -120,10 +95,8 @@ def validate(cfg: DictConfig) -> None:
         _check_range(cfg, key, positive=True)
     for key in NON_NEGATIVE:
         _check_range(cfg, key, positive=False)
-    composed = group_defaults(cfg)
     for key, spec in adapter_specs(cfg):
-        base = OmegaConf.select(composed, key) if composed is not None else None
-        _check_adapter(key, spec, base)
+        _check_adapter(key, spec)
     check_data(cfg.data)
     check_loggers(cfg.run.loggers)
     if not 0 <= cfg.optim.warmup_fraction < 1:
@@ -158,22 +131,6 @@ def check_data(data: DictConfig) -> None:
                 "(mmkd.config.compose builds the schema of the chosen dataset)"
             )
         section.check(data[name], f"data.{name}")
-
-
-def loss_sections(
-    cfg: DictConfig, one_teacher: bool | None = None
-) -> Iterator[tuple[str, DictConfig, str, str | None]]:
-    """(config key, losses section, scope, teacher name) of every group of loss terms: the
-    one-teacher `losses` (every term), or with `teachers` each teacher's `losses` (its terms)
-    and the top-level `losses` (label terms). `one_teacher`: whether the shorthand's teacher
-    exists (default: whether `teacher` is set)."""
-    if cfg.teachers:
-        for name, spec in cfg.teachers.items():
-            yield f"teachers.{name}.losses", spec.losses, "teacher", str(name)
-        yield "losses", cfg.losses, "labels", None
-    else:
-        one = cfg.teacher is not None if one_teacher is None else one_teacher
-        yield "losses", cfg.losses, "all", "teacher" if one else None
 
 
 def check_losses(cfg: DictConfig) -> None:

@@ -12,7 +12,8 @@ from torch import nn
 from mmkd import evaluate
 from mmkd.adapters import ADAPTERS, build_adapter
 from mmkd.adapters.image import ImageAdapter
-from mmkd.config.schema import AdapterSpec
+from mmkd.adapters.sections import ADAPTER_CONFIGS, AdapterConfig, adapter_sections
+from mmkd.config.schema import adapter_schema
 from mmkd.errors import ConfigError
 from mmkd.metrics import Collected
 
@@ -42,7 +43,14 @@ def plugin(width: int, declared: int, pooled: bool = True) -> type[ImageAdapter]
 
 def spec(name: str):
     plain = {"adapter": name, "image": {"img_size": 16}, "head": {"embed_dim": 8}}
-    return OmegaConf.merge(OmegaConf.structured(AdapterSpec), plain)
+    return OmegaConf.merge(OmegaConf.structured(adapter_schema(name)), plain)
+
+
+def register(monkeypatch, name: str, adapter: type[ImageAdapter]) -> None:
+    """`adapter` as plugin adapter `name`, reading the image adapter's sections."""
+    monkeypatch.setitem(ADAPTERS._items, name, adapter)
+    config = AdapterConfig(name, adapter_sections("image"))
+    monkeypatch.setitem(ADAPTER_CONFIGS._items, name, config)
 
 
 @pytest.mark.parametrize(
@@ -55,12 +63,12 @@ def spec(name: str):
 def test_plugin_encoder_of_wrong_width_or_rank_fails_at_build_naming_it(
     monkeypatch, width, pooled, message
 ):
-    monkeypatch.setitem(ADAPTERS._items, "wrong_net", plugin(width, 64, pooled))
+    register(monkeypatch, "wrong_net", plugin(width, 64, pooled))
     with pytest.raises(ConfigError, match=r"^teacher\.adapter: wrong_net \(Plugin\): ") as err:
         build_adapter(spec("wrong_net"), key="teacher")
     assert "\n" not in str(err.value)
     assert err.match(message)
-    monkeypatch.setitem(ADAPTERS._items, "right_net", plugin(64, 64))
+    register(monkeypatch, "right_net", plugin(64, 64))
     assert build_adapter(spec("right_net"), key="teacher").feature_dim == 64
 
 
