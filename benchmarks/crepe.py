@@ -43,7 +43,7 @@ import torch
 
 from mmkd.adapters import build_adapter
 from mmkd.config import compose
-from mmkd.config.schema import AdapterSpec
+from mmkd.config.schema import adapter_schema
 from mmkd.data.folder import index_folder
 from mmkd.data.frames import FramesDataset
 from mmkd.export import load_exported
@@ -108,7 +108,7 @@ def crepe_model(name: str, pretrained: bool) -> torch.nn.Module:
     from omegaconf import OmegaConf
 
     spec = OmegaConf.merge(
-        OmegaConf.structured(AdapterSpec),
+        OmegaConf.structured(adapter_schema("crepe")),
         {
             "adapter": "crepe",
             "crepe": {"model": name, "pretrained": pretrained},

@@ -72,12 +72,12 @@ STORE_SCRIPT = textwrap.dedent("""
     from omegaconf import OmegaConf
     from mmkd.adapters import build_adapter
     from mmkd.config.compose import register_resolvers
-    from mmkd.config.schema import AdapterSpec, DemoCfg
+    from mmkd.config.schema import DemoCfg, adapter_schema
     from mmkd.data.demo import DemoDataset
     from mmkd.store import StoreBuilder, StoreSpec, open_or_build, teacher_collate
     torch.set_num_threads(1)
     register_resolvers()
-    spec = OmegaConf.merge(OmegaConf.structured(AdapterSpec), {
+    spec = OmegaConf.merge(OmegaConf.structured(adapter_schema("image")), {
         "timm": {"model": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
         "image": {"img_size": 32, "augment": True, "crop_padding": 2},
         "head": {"embed_dim": 16, "num_classes": 9}})

@@ -136,7 +136,7 @@ def build_rank(rank: int, world: int, samples: int, root: str, port: int) -> Non
 
     from mmkd.adapters import build_adapter
     from mmkd.config.compose import register_resolvers
-    from mmkd.config.schema import AdapterSpec, DemoCfg
+    from mmkd.config.schema import DemoCfg, adapter_schema
     from mmkd.data.demo import DemoDataset
     from mmkd.store import Collective, StoreBuilder, StoreSpec, open_or_build, teacher_collate
 
@@ -154,7 +154,7 @@ def build_rank(rank: int, world: int, samples: int, root: str, port: int) -> Non
         group = Collective(rank, world, lambda name: dist.barrier(), any_rank)
     register_resolvers()
     spec = OmegaConf.merge(
-        OmegaConf.structured(AdapterSpec),
+        OmegaConf.structured(adapter_schema("image")),
         {
             "timm": {"model": "resnet20_cifar"},
             "image": {"img_size": 32, "augment": True, "crop_padding": 4, "hflip": 0.5},
