@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,11 +55,13 @@ PROTOCOLS = {
     "cpu": {
         "max_length": 48,
         "teacher_epochs": {"sst2": 2, "agnews": 1},
-        "train_samples": {"sst2": 4000, "agnews": 2000},
+        # SST-2: every sentence (a 4,000 subset cost the BiLSTM 2.6 points: 0.8154 vs 0.8417,
+        # seed 0); AG News: 2,000 articles (all 9,001 fill 48 tokens: 4.5x the time)
+        "train_samples": {"sst2": None, "agnews": 2000},
         "bilstm_epochs": 4,
         "bilstm_frozen_embeddings": True,
         "student_batch": 64,
-        "transformer_epochs": 2,
+        "transformer_epochs": {"sst2": 3, "agnews": 2},
         "views": 4,
         "keep_prob": 0.25,
         "phrases": 2000,  # of GLUE's 60,614 training phrases, a fixed subset (transfer set)
@@ -108,6 +111,11 @@ PUBLISHED = {
         "Joulin et al. 2017). Ours trains on 9,001 articles and reports a held-out 1,000."
     ),
 }
+
+
+def per_task(value: Any, task: str) -> Any:
+    """A protocol setting that may differ per task ({task: value}) or not (a plain value)."""
+    return value[task] if isinstance(value, dict) else value
 
 
 def write_sst2_manifests(data_root: Path, folder: Path) -> dict[str, Path]:
@@ -194,7 +202,7 @@ def student_rows(
         "student=text_small",
         f"student.text.init_from={teacher_dir}",
         "student.text.keep_layers=[0,2,4]",
-        f"trainer.max_epochs={protocol['transformer_epochs']}",
+        f"trainer.max_epochs={per_task(protocol['transformer_epochs'], task)}",
         "optim.lr=1.0e-4",
         "distill.store.views=1",
     ]
@@ -584,7 +592,8 @@ def write_report(
         f"fixed subset when not all), K={protocol.get('views')} stored views (keep_prob "
         f"{protocol.get('keep_prob', 0.0)}), "
         f"BiLSTM {protocol['bilstm_epochs']} epochs (AdamW 2e-3), 3-layer transformer "
-        f"{protocol['transformer_epochs']} epochs (AdamW 1e-4); KD T=2 + 0.5 CE from stored "
+        f"{per_task(protocol['transformer_epochs'], task)} epochs (AdamW 1e-4); KD T=2 + 0.5 CE "
+        "from stored "
         f"teacher logits. Accuracy on {EVAL_SPLIT[task]} after the last epoch; mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))} (teacher: one run).",
         "",
