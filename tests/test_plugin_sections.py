@@ -92,21 +92,48 @@ def test_plugin_dataset_and_loss_term_train_with_their_sections(plugins, monkeyp
 
 
 @pytest.mark.parametrize(
-    ("item", "message"),
+    ("run", "item", "message"),
     [
-        ("data.tones.per_class=0", r"data\.tones\.per_class: must be > 0, got 0"),
-        ("data.tones.wave=saw", r"data\.tones\.wave: 'saw' is not one of sine, square"),
-        ("data.tones.per_class=many", r"data\.tones\.per_class"),  # the type, at compose
-        ("data.tones.colour=red", r"data\.tones\.colour"),  # an unknown key of the section
-        ("losses.center_pull.power=-1", r"losses\.center_pull\.power: must be > 0, got -1"),
-        ("losses.center_pull.reduce=max", r"losses\.center_pull\.reduce: 'max' is not one of"),
-        ("losses.center_pull.powr=2", r"losses\.center_pull\.powr"),
-        ("data.demo.num_train=8", r"data\.demo\.num_train: a setting of dataset demo, but data"),
+        ("dataset", "data.tones.per_class=0", r"data\.tones\.per_class: must be > 0, got 0"),
+        ("dataset", "data.tones.wave=saw", r"data\.tones\.wave: 'saw' is not one of sine, square"),
+        ("dataset", "data.tones.per_class=many", r"data\.tones\.per_class"),  # the type, at compose
+        (
+            "dataset",
+            "data.tones.colour=red",
+            r"data\.tones\.colour",
+        ),  # an unknown key of the section
+        (
+            "dataset",
+            "losses.center_pull.power=-1",
+            r"losses\.center_pull\.power: must be > 0, got -1",
+        ),
+        (
+            "dataset",
+            "losses.center_pull.reduce=max",
+            r"losses\.center_pull\.reduce: 'max' is not one of",
+        ),
+        ("dataset", "losses.center_pull.powr=2", r"losses\.center_pull\.powr"),
+        (
+            "dataset",
+            "data.demo.num_train=8",
+            r"data\.demo\.num_train: a setting of dataset demo, but data",
+        ),
+        ("adapter", "student.inhouse.width=0", r"^student\.inhouse\.width: must be > 0, got 0$"),
+        ("adapter", "student.inhouse.width=wide", r"student\.inhouse\.width"),  # the type
+        ("adapter", "student.inhouse.widht=8", r"student\.inhouse\.widht"),  # an unknown key
+        (  # a section of a built-in adapter the plugin does not read
+            "adapter",
+            "student.timm.model=resnet18",
+            r"student\.timm\.model: a setting of the audio_timm, image adapters, but "
+            r"student\.adapter=inhouse \(which reads student\.image, student\.inhouse\)",
+        ),
     ],
 )
-def test_a_wrong_plugin_setting_fails_naming_the_key(plugins, item, message):
+def test_a_wrong_plugin_setting_fails_naming_the_key(plugins, run, item, message):
+    """Dataset and loss-term sections (`overrides`) and an adapter's (`adapter_overrides`)."""
+    build = overrides if run == "dataset" else adapter_overrides
     with pytest.raises(ConfigError, match=message):
-        validate(compose(overrides(plugins / "run", item)))
+        validate(compose(build(plugins / "run", item)))
 
 
 def test_a_plugin_section_for_a_dataset_not_chosen_is_refused(plugins):
@@ -152,24 +179,6 @@ def test_plugin_adapter_trains_with_its_own_section_and_exports_it(plugins, monk
     model = load_exported(run_dir / "student")
     assert model.model.feature_dim == 16 and model.model.spec.inhouse.width == 16
     assert "student/accuracy" in json.loads((run_dir / "metrics.json").read_text())
-
-
-@pytest.mark.parametrize(
-    ("item", "message"),
-    [
-        ("student.inhouse.width=0", r"^student\.inhouse\.width: must be > 0, got 0$"),
-        ("student.inhouse.width=wide", r"student\.inhouse\.width"),  # the type, at compose
-        ("student.inhouse.widht=8", r"student\.inhouse\.widht"),  # an unknown key
-        (  # a section of a built-in adapter the plugin does not read
-            "student.timm.model=resnet18",
-            r"student\.timm\.model: a setting of the audio_timm, image adapters, but "
-            r"student\.adapter=inhouse \(which reads student\.image, student\.inhouse\)",
-        ),
-    ],
-)
-def test_a_wrong_plugin_adapter_setting_fails_naming_the_key(plugins, item, message):
-    with pytest.raises(ConfigError, match=message):
-        validate(compose(adapter_overrides(plugins / "run", item)))
 
 
 def test_a_plugin_adapter_section_is_refused_for_another_adapter(plugins):
