@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from omegaconf import DictConfig
-
 from mmkd.data.base import (
     HOLDOUT_SEED,
     MODALITIES,
@@ -84,7 +82,7 @@ class Layout:
     columns: tuple[tuple[str, str | int], ...] = ()  # (role, column name or 0-based index)
 
     @classmethod
-    def from_config(cls, m: DictConfig) -> Layout:
+    def from_config(cls, m: ManifestCfg) -> Layout:
         columns = dict(m.columns or {})
         for role, column in columns.items():
             if role not in ROLES:
