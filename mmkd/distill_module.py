@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -43,6 +43,7 @@ from mmkd.teacher_source import (
     TeacherSource,
     check_same_views,
     make_teacher_source,
+    stores_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,16 @@ class DistillModule(pl.LightningModule):
         self._compiled = False
         # where each teacher's outputs come from: a live forward pass or the teacher store,
         # with the features its terms read for every student
+        distill = OmegaConf.to_object(cfg.distill)
         self.teacher_sources: dict[str, TeacherSource] = {
-            name: make_teacher_source(cfg, teacher, name, self.teacher_features(name))
+            name: make_teacher_source(
+                teacher,
+                distill,
+                run_seed=cfg.run.seed,
+                cache_dir=stores_dir(cfg.distill.cache_dir, cfg.run.dir),
+                name=name,
+                features=self.teacher_features(name),
+            )
             for name, teacher in self.teachers.items()
         }
 
