@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.errors import settings_at
+
 from .base import (
     FeatureTarget,
     Gather,
@@ -73,7 +75,11 @@ class DistillLoss(nn.Module):
         classes = active_terms(losses, scope)
         settings = {cls.name: getattr(losses, cls.name) for cls in classes}
         self.weights = {name: float(section.weight) for name, section in settings.items()}
-        self.terms = nn.ModuleDict({cls.name: cls(settings[cls.name], ctx) for cls in classes})
+        terms = {}
+        for cls in classes:  # a term reports a wrong setting by field; named here at its key
+            with settings_at(f"{ctx.key}.{cls.name}"):
+                terms[cls.name] = cls(settings[cls.name], ctx)
+        self.terms = nn.ModuleDict(terms)
         needs_space = any(term.teacher_space for term in self.terms.values())
         self.to_teacher = (
             nn.Linear(student_dim, teacher_dim, bias=False)
