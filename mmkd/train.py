@@ -171,7 +171,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     splits = build_splits(cfg.data)
     teachers, students = build_models(cfg, splits)
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
-    module = DistillModule(cfg, teachers, students, splits.class_names, prompts)
+    module = DistillModule.from_config(cfg, teachers, students, splits.class_names, prompts)
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
     slots = module.teacher_slots
     for name, teacher in teachers.items():
