@@ -21,7 +21,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from mmkd.errors import CheckpointError, ConfigError, DataError
+from mmkd.errors import CheckpointError, DataError, SettingError
 from mmkd.io import load_state_file
 
 from .audio_config import AudioCfg
@@ -266,7 +266,7 @@ class AudioTimmAdapter(LogMelAdapter):
     """Any timm model (`timm.model`) reading the log-mel spectrogram as a 1-channel image."""
 
     def build_encoder(self) -> tuple[nn.Module, int]:
-        return create_backbone(self.spec.timm, in_chans=1, key=self.key)
+        return create_backbone(self.spec.timm, in_chans=1)
 
     def feature_names(self) -> list[str]:
         return timm_feature_names(self.encoder)
@@ -308,9 +308,9 @@ class WaveformAdapter(Adapter):
         assert isinstance(overrides, dict)
         unknown = sorted(set(overrides) - set(self.preset))
         if unknown:
-            raise ConfigError(
-                f"{self.key}.wav2vec2.overrides: unknown {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(self.preset))}"
+            raise SettingError(
+                "wav2vec2.overrides",
+                f"unknown {', '.join(unknown)}; valid: {', '.join(sorted(self.preset))}",
             )
         params = {**self.preset, **overrides}
         if params["extractor_conv_layer_config"] is not None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmkd.errors import CheckpointError, ConfigError
+from mmkd.errors import CheckpointError, ConfigError, settings_at
 from mmkd.export import verify_export, weights_file
 from mmkd.io import load_state_file
 
@@ -35,7 +35,8 @@ def build_adapter(spec: DictConfig | AdapterSpec, *, key: str = "student") -> Ad
         )
     spec = OmegaConf.to_object(spec) if isinstance(spec, DictConfig) else copy.deepcopy(spec)
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
-    adapter = adapter_cls(spec, key=key)
+    with settings_at(key):  # a wrong setting, as the adapter reports it, named at its key
+        adapter = adapter_cls(spec, key=key)
     if not adapter_cls.__module__.startswith("mmkd."):  # a plugin: its encoder is unchecked
         probe_encoder(adapter, key)
     if spec.weights:

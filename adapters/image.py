@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import DataError, SettingError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor
 from .timm_backbone import create_backbone, timm_feature_names, timm_forward_layers
@@ -265,8 +265,8 @@ class ImageAdapter(Adapter):
 
     def build_encoder(self) -> tuple[nn.Module, int]:
         if self.spec.image.in_chans not in PIL_MODES:
-            raise ConfigError(f"{self.key}.image.in_chans: must be 1 or 3")
-        return create_backbone(self.spec.timm, in_chans=self.spec.image.in_chans, key=self.key)
+            raise SettingError("image.in_chans", "must be 1 or 3")
+        return create_backbone(self.spec.timm, in_chans=self.spec.image.in_chans)
 
     def data_config(self) -> dict[str, Any]:
         image = self.spec.image

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import ConfigError, DataError, SettingError
 
 from .base import ADAPTERS, Adapter, Batch, Preprocessor, masked_mean
 from .text_augment import TextAugment
@@ -42,32 +42,33 @@ from .text_rnn_config import TextRnnCfg
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(cfg: TextCfg, key: str) -> Any:
-    """The tokenizer of `text.tokenizer` (or of `text.model`); a load failure names the key."""
+def load_tokenizer(cfg: TextCfg) -> Any:
+    """The tokenizer of `text.tokenizer` (or of `text.model`); a load failure is a
+    SettingError of text.tokenizer."""
     source = cfg.tokenizer or cfg.model
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"{key}.text.tokenizer: cannot load a tokenizer from {source!r}: "
-            f"{str(err).splitlines()[0]}"
+        raise SettingError(
+            "text.tokenizer",
+            f"cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}",
         ) from None
 
 
-def load_text_model(cfg: TextCfg, key: str) -> nn.Module:
+def load_text_model(cfg: TextCfg) -> nn.Module:
     """Pretrained weights from a hub id / local folder, or a random init from its config."""
     overrides = copy.deepcopy(dict(cfg.config_overrides))
     remote = cfg.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"{key}.text.model: cannot load {cfg.model!r}: {str(err).splitlines()[0]}"
+        raise SettingError(
+            "text.model", f"cannot load {cfg.model!r}: {str(err).splitlines()[0]}"
         ) from None
     unknown = sorted(k for k in overrides if not hasattr(config, k))
     if unknown:
-        raise ConfigError(
-            f"{key}.text.config_overrides: {type(config).__name__} has no {', '.join(unknown)}"
+        raise SettingError(
+            "text.config_overrides", f"{type(config).__name__} has no {', '.join(unknown)}"
         )
     config.update(overrides)
     if cfg.pretrained:
@@ -193,14 +194,14 @@ class TextAdapter(Adapter):
     def build_encoder(self) -> tuple[nn.Module, int]:
         cfg = self.spec.text
         if cfg.init_from:  # a model folder or a run's export (a fine-tuned teacher)
-            key = f"{self.key}.text.init_from"
-            self.tokenizer = load_source_tokenizer(cfg.init_from, key, cfg.trust_remote_code)
-            model = load_source_model(cfg.init_from, key, cfg.trust_remote_code)
+            field = "text.init_from"
+            self.tokenizer = load_source_tokenizer(cfg.init_from, field, cfg.trust_remote_code)
+            model = load_source_model(cfg.init_from, field, cfg.trust_remote_code)
         else:
-            self.tokenizer = load_tokenizer(cfg, self.key)
-            model = load_text_model(cfg, self.key)
+            self.tokenizer = load_tokenizer(cfg)
+            model = load_text_model(cfg)
         if cfg.keep_layers:
-            model = keep_layers(model, list(cfg.keep_layers), f"{self.key}.text.keep_layers")
+            model = keep_layers(model, list(cfg.keep_layers), "text.keep_layers")
         if getattr(model, "pooler", None) is not None:
             # we pool ourselves; an unused pooler would also break DDP (unused parameters)
             model.pooler = None

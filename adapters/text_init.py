@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 from mmkd.export import WEIGHTS, is_export
 from mmkd.io import load_state_file
 
@@ -38,34 +38,36 @@ def resolve_source(source: str) -> tuple[str, dict[str, Tensor] | None]:
     return str(folder / TEXT_ASSETS), encoder
 
 
-def load_source_tokenizer(source: str, key: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model folder / hub id / mmkd export; a failure names the key."""
+def load_source_tokenizer(source: str, field: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder / hub id / mmkd export; a failure is a SettingError of
+    `field`, the setting that named `source` (e.g. text.init_from)."""
     folder, _ = resolve_source(source)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"{key}: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}"
+        raise SettingError(
+            field, f"cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}"
         ) from None
 
 
-def load_source_model(source: str, key: str, trust_remote_code: bool = False) -> nn.Module:
+def load_source_model(source: str, field: str, trust_remote_code: bool = False) -> nn.Module:
     """The transformers model of a model folder / hub id (pretrained weights) or of an mmkd
-    export (its trained weights)."""
+    export (its trained weights); a failure is a SettingError of `field`."""
     folder, state = resolve_source(source)
     try:
         if state is None:
             return AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: cannot load {source!r}: {str(err).splitlines()[0]}") from None
+        raise SettingError(field, f"cannot load {source!r}: {str(err).splitlines()[0]}") from None
     model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith("pooler.")]  # the adapter drops it
     if missing or unexpected:
-        raise ConfigError(
-            f"{key}: {source} does not hold a {type(model).__name__} (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
+        raise SettingError(
+            field,
+            f"{source} does not hold a {type(model).__name__} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})",
         )
     return model
 
@@ -87,16 +89,18 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
     return found[0][1]
 
 
-def keep_layers(model: nn.Module, keep: Sequence[int], key: str) -> nn.Module:
+def keep_layers(model: nn.Module, keep: Sequence[int], field: str) -> nn.Module:
     """Cut `model` to the layers `keep` (0-based, in that order), in place: embeddings and the
-    kept layers keep their weights; config.num_hidden_layers becomes len(keep)."""
+    kept layers keep their weights; config.num_hidden_layers becomes len(keep). Wrong indices
+    are a SettingError of `field`, the setting that gave them."""
     layers = layer_list(model)
     count = len(layers)
     bad = [i for i in keep if not 0 <= i < count]
     if not keep or bad or len(set(keep)) != len(keep):
-        raise ConfigError(
-            f"{key}: {list(keep)} must be distinct layer indices in 0..{count - 1} "
-            f"({type(model).__name__} has {count} layers)"
+        raise SettingError(
+            field,
+            f"{list(keep)} must be distinct layer indices in 0..{count - 1} "
+            f"({type(model).__name__} has {count} layers)",
         )
     kept = [layers[i] for i in keep]
     for position, layer in enumerate(kept):

@@ -74,11 +74,11 @@ class TextRnnAdapter(Adapter):
         cfg = self.spec.text_rnn
         remote = cfg.trust_remote_code
         source = cfg.init_from or cfg.tokenizer
-        key = f"{self.key}.text_rnn.{'init_from' if cfg.init_from else 'tokenizer'}"
-        self.tokenizer = load_source_tokenizer(source, key, remote)
+        field = f"text_rnn.{'init_from' if cfg.init_from else 'tokenizer'}"
+        self.tokenizer = load_source_tokenizer(source, field, remote)
         pad = self.tokenizer.pad_token_id or 0
         if cfg.init_from:
-            source_model = load_source_model(cfg.init_from, key, remote)
+            source_model = load_source_model(cfg.init_from, field, remote)
             weights = source_model.get_input_embeddings().weight.detach().clone()
             embedding = nn.Embedding.from_pretrained(
                 weights, freeze=cfg.freeze_embeddings, padding_idx=pad

@@ -9,19 +9,20 @@ from collections.abc import Sequence
 import timm
 from torch import Tensor, nn
 
-from mmkd.errors import ConfigError
+from mmkd.errors import SettingError
 
 from . import cifar_models  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .backbone_config import TimmCfg
 
 
-def create_backbone(cfg: TimmCfg, *, in_chans: int, key: str) -> tuple[nn.Module, int]:
-    """timm.create_model with the classifier removed (num_classes=0): returns (model, features)."""
+def create_backbone(cfg: TimmCfg, *, in_chans: int) -> tuple[nn.Module, int]:
+    """timm.create_model with the classifier removed (num_classes=0): returns (model, features).
+    A wrong setting is a SettingError of `timm.FIELD` (build_adapter names the model's key)."""
     kwargs = copy.deepcopy(dict(cfg.kwargs))
     if not timm.is_model(cfg.model):
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ConfigError(f"{key}.timm.model: timm has no model {cfg.model!r}.{hint}")
+        raise SettingError("timm.model", f"timm has no model {cfg.model!r}.{hint}")
     overlay = {"file": cfg.pretrained_file} if cfg.pretrained_file else None
     try:
         model = timm.create_model(
@@ -33,7 +34,7 @@ def create_backbone(cfg: TimmCfg, *, in_chans: int, key: str) -> tuple[nn.Module
             **kwargs,
         )
     except TypeError as err:
-        raise ConfigError(f"{key}.timm.kwargs: {cfg.model} does not accept them: {err}") from None
+        raise SettingError("timm.kwargs", f"{cfg.model} does not accept them: {err}") from None
     # with num_classes=0 a timm model returns pooled pre-logits features: `head_hidden_size`
     # wide where a model has a hidden head layer (MobileNetV3's conv_head), else num_features
     return model, getattr(model, "head_hidden_size", None) or model.num_features

@@ -11,7 +11,8 @@ loads no model library):
   `DATASETS`, `DatasetSplits`; `TERMS`, `LossTerm`, `register_term`;
 - the teacher store: `TeacherStore`, `StoreSpec`;
 - errors: `MMKDError` and its kinds `ConfigError`, `DataError`, `CheckpointError`,
-  `DiskSpaceError`.
+  `DiskSpaceError`; `SettingError`, the ConfigError a component raises naming the field of
+  its own settings (the code that built it from the config names the full key).
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ if TYPE_CHECKING:
     from mmkd.adapters import ADAPTERS, Adapter, build_adapter
     from mmkd.config import compose, validate
     from mmkd.data import DATASETS, DatasetSplits
-    from mmkd.errors import CheckpointError, ConfigError, DataError, DiskSpaceError, MMKDError
+    from mmkd.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        DiskSpaceError,
+        MMKDError,
+        SettingError,
+    )
     from mmkd.export import ExportedModel, export_model, load_exported
     from mmkd.losses import TERMS, LossTerm, register_term
     from mmkd.store import StoreSpec, TeacherStore
@@ -51,6 +59,7 @@ _EXPORTS = {  # name -> the module it is imported from on first use
     "DataError": "mmkd.errors",
     "CheckpointError": "mmkd.errors",
     "DiskSpaceError": "mmkd.errors",
+    "SettingError": "mmkd.errors",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
@@ -66,6 +75,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ st
     "ExportedModel",
     "LossTerm",
     "MMKDError",
+    "SettingError",
     "StoreSpec",
     "TeacherStore",
     "__version__",

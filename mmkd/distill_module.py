@@ -14,12 +14,13 @@ label terms; metrics `train/[ROLE/][TEACHER/]TERM`), the optimizer and schedule 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -33,6 +34,7 @@ from mmkd.losses import (
     build_student_loss,
     distributed_gather,
     local_gather,
+    typed_losses,
 )
 from mmkd.optim import make_optimizer, make_scheduler
 from mmkd.roles import SHORTHAND, loss_sections, student_slot, teacher_slot
@@ -43,6 +45,7 @@ from mmkd.teacher_source import (
     TeacherSource,
     check_same_views,
     make_teacher_source,
+    stores_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,19 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(MMKDError):
     """A loss term became NaN or Inf and distill.nonfinite_loss=stop."""
+
+
+# one group of loss terms: (config key, losses section dataclass, scope, teacher name or None)
+LossGroup = tuple[str, Any, str, "str | None"]
+
+
+def teacher_dict(teachers: dict[str, Adapter] | Adapter | None) -> dict[str, Adapter]:
+    """Teachers by name: a single Adapter is the one-teacher shorthand's, None is none."""
+    if teachers is None:
+        return {}
+    if isinstance(teachers, Adapter):
+        return {SHORTHAND: teachers}
+    return dict(teachers)
 
 
 class DistillModule(pl.LightningModule):
@@ -60,28 +76,37 @@ class DistillModule(pl.LightningModule):
 
     def __init__(
         self,
-        cfg: DictConfig,
         teachers: dict[str, Adapter] | Adapter | None,
         students: dict[str, Adapter],
+        loss_groups: Iterable[LossGroup],
+        *,
+        optim: Any,
+        distill: Any,
+        run_seed: int,
+        cache_dir: str | Path | None = None,
         class_names: list[str] | None = None,
         class_prompts: list[str] | None = None,
     ) -> None:
+        """Typed values, as `from_config` reads them from a run's config: `loss_groups` the
+        (config key, losses section dataclass, scope, teacher name) of every group of terms
+        (`mmkd.roles.loss_sections`), `optim` and `distill` those settings' dataclasses,
+        `cache_dir` where teacher stores live (`stores_dir`)."""
         super().__init__()
-        self.cfg = cfg
+        self.optim = optim
+        self.distill = distill
         self.students = nn.ModuleDict(students)
-        if teachers is None or isinstance(teachers, Adapter):  # the one-teacher shorthand
-            teachers = {SHORTHAND: teachers} if teachers is not None else {}
         # unregistered on purpose (module docstring)
-        object.__setattr__(self, "teachers", dict(teachers))
+        object.__setattr__(self, "teachers", teacher_dict(teachers))
         for teacher in self.teachers.values():
             teacher.requires_grad_(False).eval()
         check_same_views(self.teachers, students)
         self.teacher_slots = {name: teacher_slot(name) for name in self.teachers}
         self.student_slots = {name: student_slot(name) for name in students}
+        loss_groups = list(loss_groups)  # read once per student
         self.losses = nn.ModuleDict(
             {
                 role: build_student_loss(
-                    loss_sections(cfg, SHORTHAND in self.teachers),
+                    loss_groups,
                     student,
                     self.teachers,
                     self.student_slots[role],
@@ -105,9 +130,44 @@ class DistillModule(pl.LightningModule):
         # where each teacher's outputs come from: a live forward pass or the teacher store,
         # with the features its terms read for every student
         self.teacher_sources: dict[str, TeacherSource] = {
-            name: make_teacher_source(cfg, teacher, name, self.teacher_features(name))
+            name: make_teacher_source(
+                teacher,
+                distill,
+                run_seed=run_seed,
+                cache_dir=cache_dir,
+                name=name,
+                features=self.teacher_features(name),
+            )
             for name, teacher in self.teachers.items()
         }
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DictConfig,
+        teachers: dict[str, Adapter] | Adapter | None,
+        students: dict[str, Adapter],
+        class_names: list[str] | None = None,
+        class_prompts: list[str] | None = None,
+    ) -> DistillModule:
+        """The module of the run `cfg` (composed and validated): its losses sections, `optim`
+        and `distill` as their schema's dataclasses, run.seed, and where stores live."""
+        teachers = teacher_dict(teachers)
+        groups = [
+            (key, typed_losses(section), scope, name)
+            for key, section, scope, name in loss_sections(cfg, SHORTHAND in teachers)
+        ]
+        return cls(
+            teachers,
+            students,
+            groups,
+            optim=OmegaConf.to_object(cfg.optim),
+            distill=OmegaConf.to_object(cfg.distill),
+            run_seed=cfg.run.seed,
+            cache_dir=stores_dir(cfg.distill.cache_dir, cfg.run.dir),
+            class_names=class_names,
+            class_prompts=class_prompts,
+        )
 
     def teacher_features(self, name: str) -> tuple[FeatureTarget, ...]:
         """The layers of teacher `name` that its terms read, for every student."""
@@ -122,7 +182,7 @@ class DistillModule(pl.LightningModule):
     def configure_model(self) -> None:
         """distill.compile_student: compile the students' forward in place (state-dict keys
         unchanged, so checkpoints and exports are the same with or without it)."""
-        if self.cfg.distill.compile_student and not self._compiled:
+        if self.distill.compile_student and not self._compiled:
             for student in self.students.values():
                 student.compile()
             self._compiled = True
@@ -248,7 +308,7 @@ class DistillModule(pl.LightningModule):
             or f"total={total.item():.4g}"
         )
         where = f"epoch {self.current_epoch}, step {self.global_step}"
-        if self.cfg.distill.nonfinite_loss == "stop":
+        if self.distill.nonfinite_loss == "stop":
             raise NonFiniteLossError(
                 f"non-finite loss at {where}: {culprits} (on this or another process). "
                 "Set distill.nonfinite_loss=skip to skip such steps."
@@ -300,9 +360,9 @@ class DistillModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """timm's optimizer over the students and loss parameters (never the teachers), and the
         warmup schedule stepped every step (mmkd.optim)."""
-        optimizer = make_optimizer(self, self.cfg.optim)
+        optimizer = make_optimizer(self, self.optim)
         scheduler = make_scheduler(
-            optimizer, self.cfg.optim, int(self.trainer.estimated_stepping_batches)
+            optimizer, self.optim, int(self.trainer.estimated_stepping_batches)
         )
         return {
             "optimizer": optimizer,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from transformers import (
@@ -17,7 +16,7 @@ from transformers import (
 TIMM_NAMES = {"adamw": "adamw", "sgd": "momentum"}
 
 
-def make_optimizer(module: nn.Module, optim: DictConfig) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, optim: Any) -> torch.optim.Optimizer:
     """timm's optimizer over the trainable parameters of `module`, with weight decay on the
     matrices only (timm's `param_groups_weight_decay` excludes biases and norms).
 
@@ -43,7 +42,7 @@ def make_optimizer(module: nn.Module, optim: DictConfig) -> torch.optim.Optimize
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, optim: DictConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `optim.warmup_fraction` of the steps, then cosine decay to
     `optim.min_lr_ratio` of the rate, or flat (`optim.scheduler=constant`); stepped every step.

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import IterableDataset
 
 from mmkd.adapters import Adapter
@@ -71,15 +70,21 @@ class StoredTeacher:
     def __init__(
         self,
         teacher: Adapter,
-        cfg: DictConfig,
+        store: Any,
+        *,
+        run_seed: int,
+        cache_dir: str | Path | None,
         name: str = "teacher",
         features: tuple[FeatureTarget, ...] = (),
     ) -> None:
+        """`store`: the store settings (`distill.store`, its dataclass); `cache_dir`: the folder
+        stores live in (None: none was given, and setup refuses to build)."""
         self.teacher = teacher
-        self.cfg = cfg
+        self.settings = store
+        self.run_seed = run_seed
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.name = name
         self.slot = teacher_slot(name)
-        store = cfg.distill.store
         self.augmented = teacher.make_preprocessor().randomized_in_training
         views = store.views or 1
         if views > 1 and not self.augmented:
@@ -103,25 +108,25 @@ class StoredTeacher:
 
     def view_policy(self) -> ViewPolicy:
         if not self.augmented:  # the stored output fits every view: augment afresh each epoch
-            return ViewPolicy(seed=self.cfg.run.seed)
-        store = self.cfg.distill.store
+            return ViewPolicy(seed=self.run_seed)
         return ViewPolicy(
-            seed=store.seed,
+            seed=self.settings.seed,
             views=self.spec.views,
-            order=store.view_order,
-            draw_seed=self.cfg.run.seed,
+            order=self.settings.view_order,
+            draw_seed=self.run_seed,
         )
 
     def setup(self, trainer: pl.Trainer, datamodule: Any, device: torch.device) -> None:
         """Build (every process its share of the chunks, the teacher on `device`) or find, then
         open, the train and val entries of `datamodule`'s splits."""
-        cfg = self.cfg
-        root = Path(cfg.distill.cache_dir or Path(cfg.run.dir) / "teacher_cache")
+        if self.cache_dir is None:
+            raise ValueError("StoredTeacher.setup: no cache_dir was given to keep the store in")
+        data = datamodule.cfg  # the run's data settings
         for split, dataset in (("train", datamodule.train_set), ("val", datamodule.val_set)):
             if isinstance(dataset, IterableDataset):
                 raise ConfigError(
                     f"distill.store: the {split} split is streamed (data.name="
-                    f"{cfg.data.name}); the teacher store needs map-style data. Use the live "
+                    f"{data.name}); the teacher store needs map-style data. Use the live "
                     "teacher (distill.store.views=null, distill.cache=false)."
                 )
             train = split == "train" and self.augmented
@@ -130,7 +135,7 @@ class StoredTeacher:
                 self.teacher.make_preprocessor(),
                 augmented=train,
                 seed=spec.seed,
-                on_error=cfg.data.on_error,
+                on_error=data.on_error,
             )
             builder = StoreBuilder(
                 self.teacher,
@@ -144,7 +149,7 @@ class StoredTeacher:
                 num_workers=datamodule.num_workers,
                 label=f" ({split})" if self.slot.name == SHORTHAND else f" ({self.name}, {split})",
             )
-            folder, seconds = open_or_build(root, builder, collective(trainer))
+            folder, seconds = open_or_build(self.cache_dir, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
             if seconds is not None:
                 self.build_seconds[split] = seconds
@@ -190,19 +195,38 @@ def collective(trainer: pl.Trainer) -> Collective:
     )
 
 
+def stores_dir(cache_dir: str | None, run_dir: str | Path | None) -> Path | None:
+    """Where a run's stores (and token caches) live: `cache_dir` (distill.cache_dir), else
+    RUN_DIR/teacher_cache; None when neither is known yet."""
+    if cache_dir:
+        return Path(cache_dir)
+    return None if run_dir is None else Path(run_dir) / "teacher_cache"
+
+
 def make_teacher_source(
-    cfg: DictConfig,
     teacher: Adapter | None,
+    distill: Any,
+    *,
+    run_seed: int,
+    cache_dir: str | Path | None = None,
     name: str = "teacher",
     features: tuple[FeatureTarget, ...] = (),
 ) -> TeacherSource | None:
-    """The store when distill.store.views (or the older distill.cache) asks for one, else the
-    live teacher; None without a teacher. `features`: the teacher layers the terms read."""
+    """The store when `distill` (the `distill` settings, its dataclass) asks for one
+    (store.views, or the older cache), kept under `cache_dir`, else the live teacher; None
+    without a teacher. `features`: the teacher layers the terms read."""
     if teacher is None:
         return None
-    if cfg.distill.store.views is not None or cfg.distill.cache:
-        return StoredTeacher(teacher, cfg, name, features)
-    return LiveTeacher(teacher, cfg.run.seed, teacher_slot(name).role, features)
+    if distill.store.views is not None or distill.cache:
+        return StoredTeacher(
+            teacher,
+            distill.store,
+            run_seed=run_seed,
+            cache_dir=cache_dir,
+            name=name,
+            features=features,
+        )
+    return LiveTeacher(teacher, run_seed, teacher_slot(name).role, features)
 
 
 def check_same_views(teachers: dict[str, Adapter], students: dict[str, Adapter]) -> None:

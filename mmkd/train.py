@@ -51,7 +51,7 @@ from mmkd.models import build_models
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
 from mmkd.roles import adapter_specs
-from mmkd.teacher_source import check_student_views, fit_view_policy
+from mmkd.teacher_source import check_student_views, fit_view_policy, stores_dir
 
 log = logging.getLogger("mmkd")
 
@@ -171,7 +171,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     splits = build_splits(cfg.data)
     teachers, students = build_models(cfg, splits)
     prompts = class_prompts(splits.class_names, cfg.data.prompt_template)
-    module = DistillModule(cfg, teachers, students, splits.class_names, prompts)
+    module = DistillModule.from_config(cfg, teachers, students, splits.class_names, prompts)
     test_pre = {role: model.make_preprocessor() for role, model in students.items()}
     slots = module.teacher_slots
     for name, teacher in teachers.items():
@@ -185,7 +185,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     views = fit_view_policy([source for _, source in used], cfg.run.seed)
     check_student_views([source for _, source in used], students)
     # token ids of each split's texts, kept beside the teacher stores (mmkd.data.tokens)
-    tokens = Path(cfg.distill.cache_dir or run_dir / "teacher_cache") / "tokens"
+    tokens = stores_dir(cfg.distill.cache_dir, run_dir) / "tokens"
     datamodule = DistillDataModule(
         cfg.data, splits, fit_pre, test_pre, seed=cfg.run.seed, views=views, token_cache_dir=tokens
     )

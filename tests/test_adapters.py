@@ -522,3 +522,19 @@ def test_timm_feature_width_comes_from_what_the_model_returns():
     adapter = build_adapter(spec)
     assert adapter.feature_dim == 1024
     assert adapter(adapter.example_batch(2)).embedding.shape == (2, 16)
+
+
+def test_an_adapters_wrong_setting_is_named_at_the_models_key() -> None:
+    """The backbone reports the field (timm.model); build_adapter names the model's key."""
+    spec = tiny_spec("image", timm__model="resnet_nope")
+    with pytest.raises(ConfigError, match=r"^teachers\.a\.timm\.model: timm has no model"):
+        build_adapter(spec, key="teachers.a")
+
+
+def test_a_setting_error_reads_as_its_field_until_the_config_layer_names_the_key() -> None:
+    from mmkd.errors import SettingError, settings_at
+
+    err = SettingError("folder.train", "required")
+    assert isinstance(err, ConfigError) and str(err) == "folder.train: required"
+    with pytest.raises(ConfigError, match=r"^data\.folder\.train: required$"), settings_at("data"):
+        raise err

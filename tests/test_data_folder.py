@@ -72,7 +72,7 @@ def test_separate_val_and_test_folders(media, data_cfg):
 )
 def test_a_bad_layout_is_a_config_error(media, data_cfg, setup, message):
     setup(media)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=rf"^data\.folder\.train: .*{message}"):
         build_splits(data_cfg("folder", folder={"train": str(media.path("t"))}))
 
 

@@ -310,3 +310,15 @@ def test_dkd_weight_ramps_up_over_its_warmup_epochs() -> None:
     for epoch, share in [(0.0, 0.0), (0.5, 0.25), (2.0, 1.0), (7.0, 1.0)]:
         terms = loss(randn(6, 8, seed=1), zs, randn(6, 8, seed=2), zt, y, epoch=epoch)
         assert terms["dkd"].item() == pytest.approx(share * full.item(), rel=1e-5, abs=1e-7)
+
+
+def test_a_terms_wrong_setting_is_named_at_its_losses_key() -> None:
+    """The term reports `pairs[0]`; the loss assembly names the teacher's losses section."""
+    from mmkd.losses import DistillLoss
+
+    student = build_adapter(tiny_spec("image"), key="student")
+    teacher = build_adapter(tiny_spec("image"), key="teachers.t")
+    cfg = OmegaConf.structured(LossesCfg)
+    cfg.hint.weight, cfg.hint.pairs = 1.0, [["layer1"]]
+    with pytest.raises(ConfigError, match=r"^teachers\.t\.losses\.hint\.pairs\[0\]: \['layer1'\]"):
+        DistillLoss(cfg, 16, 16, student=student, teacher=teacher, key="teachers.t.losses")

@@ -18,7 +18,7 @@ def make_module(**loss_weights: float) -> DistillModule:
         cfg.losses[name].weight = weight
     teacher = build_adapter(tiny_spec("image", head__embed_dim=16), key="teacher")
     student = build_adapter(tiny_spec("audio_cnn", head__embed_dim=8), key="student")
-    return DistillModule(cfg, teacher, {"student": student}, ["a", "b", "c"])
+    return DistillModule.from_config(cfg, teacher, {"student": student}, ["a", "b", "c"])
 
 
 def batch_for(module: DistillModule, size: int = 4) -> dict:
@@ -115,7 +115,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_term(monkeypatch):
 
 def test_nonfinite_loss_skip_leaves_the_parameters_alone(monkeypatch):
     module = make_module(kd=1.0, ce=1.0)
-    module.cfg.distill.nonfinite_loss = "skip"
+    module.distill.nonfinite_loss = "skip"
     nan_terms(module, monkeypatch)
     before = {k: v.clone() for k, v in module.students.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)

@@ -41,7 +41,7 @@ def two_teacher_module() -> DistillModule:
         "text": build_adapter(cfg.teachers.text, key="teachers.text"),
     }
     student = build_adapter(tiny_spec("audio_cnn", head__embed_dim=8), key="student")
-    return DistillModule(cfg, teachers, {"student": student}, ["a", "b", "c"])
+    return DistillModule.from_config(cfg, teachers, {"student": student}, ["a", "b", "c"])
 
 
 def batch_for(module: DistillModule, size: int = 4) -> dict:

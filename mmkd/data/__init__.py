@@ -1,6 +1,6 @@
 """Datasets: importing this package registers every built-in dataset in `DATASETS`."""
 
-from omegaconf import DictConfig, OmegaConf
+from typing import Any
 
 from mmkd.data import (  # noqa: F401  (registration)
     av_digits,
@@ -19,20 +19,25 @@ from mmkd.data.base import (
     dataset_entry,
     dataset_sections,
     register_dataset,
+    typed_data,
 )
+from mmkd.errors import settings_at
 
 
-def build_splits(cfg: DictConfig) -> DatasetSplits:
-    """The splits of the dataset `cfg.name` (`cfg` is the `data` config node). The builder is
-    given typed values: the node as its schema's dataclass (`DataCfg` with the dataset's
-    section(s) as their `Config` instances), interpolations resolved."""
-    data = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-    splits = dataset_entry(data.name).build(data)
-    frames = getattr(data, "frames", None)
-    if frames is not None and frames.window is not None:
-        from mmkd.data.frames import frame_splits
+def build_splits(cfg: Any) -> DatasetSplits:
+    """The splits of the dataset `cfg.name` (`cfg`: the `data` config node, or its dataclass).
+    The builder is given typed values: `DataCfg` with the dataset's section(s) as their
+    `Config` instances, interpolations resolved (`typed_data`). A builder reports a wrong
+    setting as a `SettingError` of its field under `data` (`folder.train`); it is named here
+    as the config key (`data.folder.train`)."""
+    data = typed_data(cfg)
+    with settings_at("data"):
+        splits = dataset_entry(data.name).build(data)
+        frames = getattr(data, "frames", None)
+        if frames is not None and frames.window is not None:
+            from mmkd.data.frames import frame_splits
 
-        splits = frame_splits(splits, data)
+            splits = frame_splits(splits, data)
     return splits
 
 
@@ -44,4 +49,5 @@ __all__ = [
     "dataset_entry",
     "dataset_sections",
     "register_dataset",
+    "typed_data",
 ]

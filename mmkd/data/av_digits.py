@@ -29,7 +29,7 @@ from mmkd.data.base import (
 )
 from mmkd.data.fsdd import Clip, FsddDataset, fsdd_clips
 from mmkd.data.mnist import DIGIT_NAMES, MnistDataset, digit_prompts, mnist_pools
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import DataError, SettingError
 from mmkd.settings import Settings
 
 Pool = tuple[MnistDataset, np.ndarray]  # an MNIST file and the indices of it the pool holds
@@ -111,7 +111,7 @@ def build_av_digits(cfg: DataSettings) -> DatasetSplits:
     """Train / val / test pairs of FSDD clips and MNIST images (see the module docstring)."""
     per_clip = cfg.av_digits.images_per_clip
     if per_clip < 1:
-        raise ConfigError(f"data.av_digits.images_per_clip: must be >= 1, got {per_clip}")
+        raise SettingError("av_digits.images_per_clip", f"must be >= 1, got {per_clip}")
     clips, mnist, prompts = fsdd_clips(cfg), mnist_pools(cfg), digit_prompts(cfg)
     pools: dict[str, Pool] = {
         "train": (mnist.whole_train, np.asarray(mnist.train.indices, dtype=np.int64)),

@@ -15,10 +15,11 @@ returns `Skipped(id, reason)` instead, and the collate function drops and counts
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 from mmkd.errors import ConfigError, DataError
@@ -55,10 +56,23 @@ class DatasetSplits:
 
 
 # the run's typed `data` settings: an instance of mmkd.config.schema.DataCfg (the common fields)
-# holding the dataset's section(s) as instances of their `Config` (a DictConfig of that schema
-# reads the same, attribute by attribute)
+# holding the dataset's section(s) as instances of their `Config` (`typed_data` converts a
+# config node of that schema)
 DataSettings = Any
 DatasetBuilder = Callable[[DataSettings], DatasetSplits]
+
+
+def typed_data(data: Any) -> DataSettings:
+    """The `data` settings as their schema's dataclass (interpolations resolved): a config
+    node of the schema is converted, a dataclass instance returned as it is."""
+    if isinstance(data, DictConfig):
+        if not is_dataclass(OmegaConf.get_type(data)):
+            raise TypeError(
+                "data settings must be typed (a node merged onto "
+                "OmegaConf.structured(mmkd.config.schema.data_schema(name))), not a plain mapping"
+            )
+        return OmegaConf.to_object(data)
+    return data
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ augmented view, and a stored teacher output can be matched with the student's vi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -25,13 +26,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.utilities import move_data_to_device
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mmkd.adapters.base import Preprocessor
-from mmkd.data.base import DatasetSplits, RawSample, Skipped, limit, sample_ids
+from mmkd.data.base import (
+    DatasetSplits,
+    DataSettings,
+    RawSample,
+    Skipped,
+    limit,
+    sample_ids,
+    typed_data,
+)
 from mmkd.data.decode_cache import decoded
 from mmkd.data.resume import ResumableLoader
 from mmkd.data.tokens import dataset_texts
@@ -305,7 +313,7 @@ class DistillDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        cfg: DictConfig,
+        data: DataSettings,
         splits: DatasetSplits,
         fit_preprocessors: Mapping[str, Preprocessor],
         test_preprocessors: Mapping[str, Preprocessor],
@@ -313,8 +321,11 @@ class DistillDataModule(pl.LightningDataModule):
         views: ViewPolicy | None = None,
         token_cache_dir: str | os.PathLike | None = None,
     ) -> None:
+        """`data`: the run's data settings, typed (`DataCfg` with its dataset's sections; a config
+        node of that schema is converted)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg = typed_data(data)
+        cfg = self.cfg
         self.token_cache_dir = token_cache_dir  # None: texts are tokenised in memory only
         self._warmed: set[tuple[int, int]] = set()
         self.splits = splits
@@ -380,8 +391,7 @@ class DistillDataModule(pl.LightningDataModule):
         """What determines the samples of `split` (keys the teacher store): the data settings
         and a digest of the split's sample ids (which covers subsets and holdouts, so run.seed
         only matters when it changes which samples are in the split)."""
-        data = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(data, dict)
+        data = dataclasses.asdict(self.cfg)
         not_content = (
             "batch_size",
             "eval_batch_size",

@@ -40,12 +40,11 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from mmkd.data.base import RawSample, Skipped
+from mmkd.data.base import DataSettings, RawSample, Skipped
 from mmkd.errors import ConfigError, DataError
 from mmkd.io import atomic_path, write_json
 
@@ -66,7 +65,7 @@ REFUSED_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MODES = ("auto", "true", "false")
 
 
-def cache_mode(cfg: DictConfig) -> str:
+def cache_mode(cfg: DataSettings) -> str:
     """`data.decode_cache` as auto | true | false (a YAML boolean is accepted)."""
     value = str(cfg.decode_cache).lower()
     if value not in MODES:
@@ -76,7 +75,7 @@ def cache_mode(cfg: DictConfig) -> str:
     return value
 
 
-def cache_root(cfg: DictConfig) -> Path:
+def cache_root(cfg: DataSettings) -> Path:
     """`data.decode_cache_dir`, else $MMKD_CACHE_DIR/decoded, else $XDG_CACHE_HOME/mmkd/decoded."""
     if cfg.decode_cache_dir:
         return Path(cfg.decode_cache_dir).expanduser()
@@ -387,7 +386,7 @@ def open_or_build(
     return DecodedDataset(folder)
 
 
-def decoded(dataset: Dataset, cfg: DictConfig, split: str) -> Dataset:
+def decoded(dataset: Dataset, cfg: DataSettings, split: str) -> Dataset:
     """`dataset` through the decode cache when `data.decode_cache` asks for it (auto: when it
     is backed by files and small enough, see the module docstring); `dataset` otherwise."""
     mode = cache_mode(cfg)

@@ -28,7 +28,7 @@ from mmkd.data.base import (
     register_dataset,
 )
 from mmkd.data.decode import read_audio, read_image
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 from mmkd.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,15 @@ def modality_of(path: str) -> str | None:
     return next((m for m, exts in EXTENSIONS.items() if suffix in exts), None)
 
 
-def scan_class_folders(root: Path, key: str) -> dict[str, list[str]]:
-    """{class name: sorted file paths relative to root} for every sub-folder of `root`."""
+def scan_class_folders(root: Path, field: str) -> dict[str, list[str]]:
+    """{class name: sorted file paths relative to root} for every sub-folder of `root`; a
+    problem is a SettingError of `field`, the setting that named `root`."""
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
-        raise ConfigError(f"{key}: folder {root} {what}")
+        raise SettingError(field, f"folder {root} {what}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ConfigError(f"{key}: {root} has no class sub-folders (expected ROOT/<class>/<file>)")
+        raise SettingError(field, f"{root} has no class sub-folders (expected ROOT/<class>/<file>)")
     files: dict[str, list[str]] = {}
     for name in classes:
         found = []
@@ -102,16 +103,18 @@ class FolderDataset(SafeDataset):
 
 
 def index_folder(
-    root: Path, key: str, class_names: list[str] | None, modality: str | None, on_error: str
+    root: Path, field: str, class_names: list[str] | None, modality: str | None, on_error: str
 ) -> FolderDataset:
-    """Scan `root`; `class_names` (from the train folder) fixes the label of each class folder."""
-    files = scan_class_folders(root, key)
+    """Scan `root` (the folder setting `field` names); `class_names` (from the train folder) fixes
+    the label of each class folder."""
+    files = scan_class_folders(root, field)
     if class_names is not None:
         unknown = sorted(set(files) - set(class_names))
         if unknown:
-            raise ConfigError(
-                f"{key}: class folder(s) {', '.join(unknown)} in {root} are not train classes "
-                f"({', '.join(class_names)})"
+            raise SettingError(
+                field,
+                f"class folder(s) {', '.join(unknown)} in {root} are not train classes "
+                f"({', '.join(class_names)})",
             )
     names = class_names or sorted(files)
     kinds: Counter[str | None] = Counter()
@@ -119,7 +122,7 @@ def index_folder(
     items: list[tuple[str, int]] = []
     for name, paths in files.items():
         if not paths:
-            raise ConfigError(f"{key}: class folder {root / name} holds no files")
+            raise SettingError(field, f"class folder {root / name} holds no files")
         for path in paths:
             kind = modality_of(path)
             kinds[kind] += 1
@@ -129,17 +132,18 @@ def index_folder(
                 items.append((path, names.index(name)))
     found = sorted(k for k in kinds if k is not None)
     if len(found) > 1:
-        raise ConfigError(f"{key}: {root} mixes {' and '.join(found)} files; use one modality")
+        raise SettingError(field, f"{root} mixes {' and '.join(found)} files; use one modality")
     if not found:
-        raise ConfigError(f"{key}: {root} holds no image or audio files")
+        raise SettingError(field, f"{root} holds no image or audio files")
     if modality is not None and found[0] != modality:
-        raise ConfigError(f"{key}: {root} holds {found[0]} files, the train folder {modality}")
+        raise SettingError(field, f"{root} holds {found[0]} files, the train folder {modality}")
     used = {label for _, label in items}
     empty = [name for name in files if names.index(name) not in used]
     if empty:
-        raise ConfigError(
-            f"{key}: class folder {root / empty[0]} holds no {found[0]} file (a class with no "
-            "samples); remove the folder or add its files"
+        raise SettingError(
+            field,
+            f"class folder {root / empty[0]} holds no {found[0]} file (a class with no "
+            "samples); remove the folder or add its files",
         )
     if ignored:
         shown = ", ".join(f"{ext} ({n})" for ext, n in ignored.most_common())
@@ -176,8 +180,8 @@ class FolderCfg(Settings):
 def build_folder(cfg: DataSettings) -> DatasetSplits:
     f = cfg.folder
     if f.train is None:
-        raise ConfigError("data.folder.train: required when data.name=folder (ROOT/<class>/<file>)")
-    train = index_folder(Path(f.train).expanduser(), "data.folder.train", None, None, cfg.on_error)
+        raise SettingError("folder.train", "required when data.name=folder (ROOT/<class>/<file>)")
+    train = index_folder(Path(f.train).expanduser(), "folder.train", None, None, cfg.on_error)
     names = train.class_names
     # read as frames, labels are dropped: val / test folders may hold any class folders
     frames = getattr(cfg, "frames", None) is not None and cfg.frames.window is not None
@@ -188,7 +192,7 @@ def build_folder(cfg: DataSettings) -> DatasetSplits:
             return None
         return index_folder(
             Path(value).expanduser(),
-            f"data.folder.{key}",
+            f"folder.{key}",
             None if frames else names,
             train.modality,
             cfg.on_error,

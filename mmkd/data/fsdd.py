@@ -24,7 +24,7 @@ from mmkd.data.base import (
 )
 from mmkd.data.decode import data_folder, read_audio
 from mmkd.data.mnist import DIGIT_NAMES, digit_prompts
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 from mmkd.settings import Settings
 
 CLIP_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>[^_]+)_(?P<index>\d+)\.wav")
@@ -74,15 +74,15 @@ def scan_clips(folder: Path, speakers: Sequence[str] = ()) -> list[Clip]:
     """The recordings in `folder`, sorted by name, of `speakers` only (all when empty)."""
     clips = sorted((c for p in folder.iterdir() if (c := parse_clip(p))), key=lambda c: c.name)
     if not clips:
-        raise ConfigError(
-            f"data.fsdd.root: {folder} has no {{digit}}_{{speaker}}_{{index}}.wav recordings"
+        raise SettingError(
+            "fsdd.root", f"{folder} has no {{digit}}_{{speaker}}_{{index}}.wav recordings"
         )
     present = sorted({c.speaker for c in clips})
     unknown = sorted(set(speakers) - set(present))
     if unknown:
-        raise ConfigError(
-            f"data.fsdd.speakers: unknown speaker(s) {', '.join(unknown)}; "
-            f"{folder} has {', '.join(present)}"
+        raise SettingError(
+            "fsdd.speakers",
+            f"unknown speaker(s) {', '.join(unknown)}; {folder} has {', '.join(present)}",
         )
     return [c for c in clips if not speakers or c.speaker in speakers]
 

@@ -33,7 +33,7 @@ from mmkd.data.base import (
 from mmkd.data.base import holdout_split as holdout
 from mmkd.data.decode import decode_audio, decode_image, read_audio, read_image
 from mmkd.data.manifest import _natural
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import ConfigError, DataError, SettingError
 from mmkd.settings import Settings
 
 BUILDERS = ("imagefolder", "audiofolder", "parquet", "arrow", "csv", "json")
@@ -44,8 +44,8 @@ def _datasets() -> Any:
     try:
         import datasets
     except ImportError:  # an optional extra
-        raise ConfigError(
-            "data.name: hf needs the `datasets` package: pip install 'mmkd[hf]'"
+        raise SettingError(
+            "name", "hf needs the `datasets` package: pip install 'mmkd[hf]'"
         ) from None
     return datasets
 
@@ -55,13 +55,13 @@ def load_splits(cfg: DataSettings) -> dict[str, Any]:
     h = cfg.hf
     datasets = _datasets()
     if h.path is None:
-        raise ConfigError("data.hf.path: required when data.name=hf")
+        raise SettingError("hf.path", "required when data.name=hf")
     path = Path(h.path).expanduser()
     if not path.exists():
-        raise ConfigError(f"data.hf.path: {path} does not exist")
+        raise SettingError("hf.path", f"{path} does not exist")
     builder = h.builder
     if builder is not None and builder not in BUILDERS:
-        raise ConfigError(f"data.hf.builder: {builder!r} is not one of {', '.join(BUILDERS)}")
+        raise SettingError("hf.builder", f"{builder!r} is not one of {', '.join(BUILDERS)}")
     try:
         if builder is None and (
             (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
@@ -71,10 +71,11 @@ def load_splits(cfg: DataSettings) -> dict[str, Any]:
             if builder is None:
                 found = {p.suffix for p in path.rglob("*") if p.suffix in (".parquet", ".arrow")}
                 if len(found) != 1:
-                    raise ConfigError(
-                        f"data.hf.path: {path} is not a save_to_disk folder and holds "
+                    raise SettingError(
+                        "hf.path",
+                        f"{path} is not a save_to_disk folder and holds "
                         f"{'no' if not found else 'both'} .parquet / .arrow files; set "
-                        f"data.hf.builder ({', '.join(BUILDERS)})"
+                        f"data.hf.builder ({', '.join(BUILDERS)})",
                     )
                 builder = found.pop().lstrip(".")
             kwargs = {"data_dir": str(path)} if path.is_dir() else {"data_files": str(path)}
@@ -82,7 +83,7 @@ def load_splits(cfg: DataSettings) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as err:  # datasets raises many types for unreadable folders and files
-        raise ConfigError(f"data.hf.path: {path} cannot be loaded: {err}") from None
+        raise SettingError("hf.path", f"{path} cannot be loaded: {err}") from None
     if isinstance(loaded, datasets.Dataset):
         return {h.train_split: loaded}
     return dict(loaded)
@@ -92,8 +93,8 @@ def modality_columns(cfg: DataSettings, table: Any) -> dict[str, str]:
     """modality -> column of the train split."""
     unknown = sorted(set(cfg.hf.columns) - set(MODALITIES))
     if unknown:
-        raise ConfigError(
-            f"data.hf.columns: unknown modality {unknown[0]!r} (valid: {', '.join(MODALITIES)})"
+        raise SettingError(
+            "hf.columns", f"unknown modality {unknown[0]!r} (valid: {', '.join(MODALITIES)})"
         )
     columns = {m: c for m, c in cfg.hf.columns.items()}
     for modality in MODALITIES:
@@ -101,14 +102,15 @@ def modality_columns(cfg: DataSettings, table: Any) -> dict[str, str]:
             columns[modality] = modality
     for modality, column in columns.items():
         if column not in table.column_names:
-            raise ConfigError(
-                f"data.hf.columns.{modality}: no column {column!r} (columns: "
-                f"{', '.join(table.column_names)})"
+            raise SettingError(
+                f"hf.columns.{modality}",
+                f"no column {column!r} (columns: {', '.join(table.column_names)})",
             )
     if not columns:
-        raise ConfigError(
-            f"data.hf.columns: none set, and no column is named {', '.join(MODALITIES)} "
-            f"(columns: {', '.join(table.column_names)})"
+        raise SettingError(
+            "hf.columns",
+            f"none set, and no column is named {', '.join(MODALITIES)} "
+            f"(columns: {', '.join(table.column_names)})",
         )
     return dict(sorted(columns.items(), key=lambda item: MODALITIES.index(item[0])))
 
@@ -244,15 +246,15 @@ def build_hf(cfg: DataSettings) -> DatasetSplits:
     h = cfg.hf
     splits = load_splits(cfg)
     if h.train_split not in splits:
-        raise ConfigError(
-            f"data.hf.train_split: no split {h.train_split!r} (splits: {', '.join(splits)})"
+        raise SettingError(
+            "hf.train_split", f"no split {h.train_split!r} (splits: {', '.join(splits)})"
         )
     train_table = splits[h.train_split]
     columns = modality_columns(cfg, train_table)
     labelled = h.label_column is not None and h.label_column in train_table.column_names
     class_names = class_names_of(train_table, h.label_column) if labelled else []
     if h.id_column is not None and h.id_column not in train_table.column_names:
-        raise ConfigError(f"data.hf.id_column: no column {h.id_column!r}")
+        raise SettingError("hf.id_column", f"no column {h.id_column!r}")
 
     def dataset(split: str) -> HfDataset:
         return HfDataset(splits[split], split, columns, cfg, class_names)

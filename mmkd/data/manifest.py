@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from omegaconf import DictConfig
-
 from mmkd.data.base import (
     HOLDOUT_SEED,
     MODALITIES,
@@ -48,7 +46,7 @@ from mmkd.data.base import (
 )
 from mmkd.data.decode import read_audio, read_image
 from mmkd.data.transfer import TransferMix, drop_labels
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import DataError, SettingError
 from mmkd.settings import Settings
 
 FILE_COLUMNS: dict[str, Callable[[Path], Any]] = {"image": read_image, "audio": read_audio}
@@ -84,26 +82,26 @@ class Layout:
     columns: tuple[tuple[str, str | int], ...] = ()  # (role, column name or 0-based index)
 
     @classmethod
-    def from_config(cls, m: DictConfig) -> Layout:
+    def from_config(cls, m: ManifestCfg) -> Layout:
         columns = dict(m.columns or {})
         for role, column in columns.items():
             if role not in ROLES:
-                raise ConfigError(
-                    f"data.manifest.columns.{role}: not a role; roles: {', '.join(ROLES)}"
+                raise SettingError(
+                    f"manifest.columns.{role}", f"not a role; roles: {', '.join(ROLES)}"
                 )
             if isinstance(column, bool) or not isinstance(column, str | int):
-                raise ConfigError(
-                    f"data.manifest.columns.{role}: {column!r} must be a column name or index"
+                raise SettingError(
+                    f"manifest.columns.{role}", f"{column!r} must be a column name or index"
                 )
             if isinstance(column, int) and column < 0:
-                raise ConfigError(f"data.manifest.columns.{role}: index {column} must be >= 0")
+                raise SettingError(f"manifest.columns.{role}", f"index {column} must be >= 0")
         if not m.header and any(isinstance(c, str) for c in columns.values()):
-            raise ConfigError(
-                "data.manifest.columns: data.manifest.header=false, so columns are 0-based "
-                f"indices, got {columns}"
+            raise SettingError(
+                "manifest.columns",
+                f"data.manifest.header=false, so columns are 0-based indices, got {columns}",
             )
         if m.delimiter is not None and len(m.delimiter) != 1:
-            raise ConfigError(f"data.manifest.delimiter: {m.delimiter!r} must be one character")
+            raise SettingError("manifest.delimiter", f"{m.delimiter!r} must be one character")
         return cls(m.delimiter, bool(m.header), tuple(columns.items()))
 
     def rename(self, names: list[str]) -> dict[str, str]:
@@ -162,18 +160,19 @@ def _csv_records(
         yield line_no, {rename.get(n, n): v for n, v in zip(names, fields, strict=True) if v != ""}
 
 
-def read_manifest(path: Path, key: str, layout: Layout | None = None) -> list[tuple[int, Record]]:
+def read_manifest(path: Path, field: str, layout: Layout | None = None) -> list[tuple[int, Record]]:
     """(line number, record or parse problem) for every non-blank row of a JSONL/CSV/TSV
-    manifest; records name their columns by role where `layout.columns` maps them."""
+    manifest; records name their columns by role where `layout.columns` maps them. A missing
+    or empty manifest is a SettingError of `field`, the setting that named `path`."""
     layout = layout or Layout()
     suffix = path.suffix.lower()
     delimiter = layout.delimiter or DELIMITERS.get(suffix)
     if suffix != ".jsonl" and delimiter is None:
-        raise ConfigError(
-            f"{key}: {path} must end in .jsonl, .csv or .tsv (or set data.manifest.delimiter)"
+        raise SettingError(
+            field, f"{path} must end in .jsonl, .csv or .tsv (or set data.manifest.delimiter)"
         )
     if not path.is_file():
-        raise ConfigError(f"{key}: manifest {path} not found")
+        raise SettingError(field, f"manifest {path} not found")
     try:
         with path.open(encoding="utf-8-sig", newline="") as lines:
             if suffix == ".jsonl":
@@ -190,7 +189,7 @@ def read_manifest(path: Path, key: str, layout: Layout | None = None) -> list[tu
     except (OSError, csv.Error) as err:
         raise DataError(f"{path}: cannot be read: {err}") from None
     if not rows:
-        raise ConfigError(f"{key}: manifest {path} has no rows")
+        raise SettingError(field, f"manifest {path} has no rows")
     return rows
 
 
@@ -384,19 +383,19 @@ def build_manifest(cfg: DataSettings) -> DatasetSplits:
     """Splits from the JSONL / CSV / TSV manifests of `data.manifest` (val held out when absent)."""
     m = cfg.manifest
     if m.train is None:
-        raise ConfigError("data.manifest.train: required when data.name=manifest")
+        raise SettingError("manifest.train", "required when data.name=manifest")
     layout = Layout.from_config(m)
     train_path = _manifest_path(m.train)
-    train_records = read_manifest(train_path, "data.manifest.train", layout)
+    train_records = read_manifest(train_path, "manifest.train", layout)
     modalities = tuple(c for c in MODALITIES if any(_present(r, c) for _, r in train_records))
     if not modalities:
-        raise ConfigError(
-            f"data.manifest.train: {train_path} has no {', '.join(MODALITIES)} column with values"
+        raise SettingError(
+            "manifest.train", f"{train_path} has no {', '.join(MODALITIES)} column with values"
         )
     if m.class_names:
         names = [str(name) for name in m.class_names]
         if len(set(names)) != len(names):
-            raise ConfigError(f"data.manifest.class_names: has repeated names: {names}")
+            raise SettingError("manifest.class_names", f"has repeated names: {names}")
         classes = ClassSet(names, indices_allowed=True)
     else:  # unusable labels are reported per row, by ManifestDataset
         labels = {_label_text(r["label"]) for _, r in train_records if _present(r, "label")}
@@ -411,7 +410,7 @@ def build_manifest(cfg: DataSettings) -> DatasetSplits:
         if value is None:
             return None
         path = _manifest_path(value)
-        return dataset(path, read_manifest(path, f"data.manifest.{key}", layout))
+        return dataset(path, read_manifest(path, f"manifest.{key}", layout))
 
     train = dataset(train_path, train_records)
     val = optional("val")
@@ -419,7 +418,7 @@ def build_manifest(cfg: DataSettings) -> DatasetSplits:
         train, val = holdout_split(train, cfg.val_fraction, HOLDOUT_SEED)
     if m.transfer is not None:  # after the holdout: validation keeps labelled rows only
         path = _manifest_path(m.transfer)
-        records = drop_labels(read_manifest(path, "data.manifest.transfer"))
+        records = drop_labels(read_manifest(path, "manifest.transfer"))
         train = TransferMix(train, dataset(path, records))
     test = optional("test")
     return DatasetSplits(

@@ -27,7 +27,7 @@ from mmkd.data.base import (
     register_dataset,
 )
 from mmkd.data.decode import data_folder
-from mmkd.errors import ConfigError, DataError
+from mmkd.errors import DataError, SettingError
 from mmkd.settings import Settings
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -41,9 +41,10 @@ def digit_prompts(cfg: DataSettings) -> list[str]:
     try:
         return class_prompts(DIGIT_NAMES, cfg.prompt_template)
     except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(
-            f"data.prompt_template: {cfg.prompt_template!r} must contain only the "
-            f"{{name}} field ({type(err).__name__}: {err})"
+        raise SettingError(
+            "prompt_template",
+            f"{cfg.prompt_template!r} must contain only the "
+            f"{{name}} field ({type(err).__name__}: {err})",
         ) from None
 
 
@@ -87,7 +88,7 @@ def find_idx(folder: Path, part: str, kind: str) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"data.mnist.root: {folder} has no {stem}.gz (or {stem})")
+    raise SettingError("mnist.root", f"{folder} has no {stem}.gz (or {stem})")
 
 
 @lru_cache(maxsize=4)
@@ -178,7 +179,7 @@ class MnistCfg(Settings):
 def build_mnist(cfg: DataSettings) -> DatasetSplits:
     """MNIST train minus a fixed holdout, that holdout, and the `data.mnist.split` test set."""
     if cfg.mnist.split not in FILE_PREFIX:
-        raise ConfigError(f"data.mnist.split: must be train or test, got {cfg.mnist.split!r}")
+        raise SettingError("mnist.split", f"must be train or test, got {cfg.mnist.split!r}")
     pools = mnist_pools(cfg)
     return DatasetSplits(
         train=pools.train,

@@ -24,7 +24,7 @@ from .layers import attention_loss, hint_loss, similarity_loss
 from .logits import dkd_loss, kd_loss
 from .sigmoid import sigmoid_kd_loss
 from .student_loss import LABELS, StudentLoss, build_student_loss, freeze_unused_head
-from .term_set import DistillLoss, active_terms
+from .term_set import DistillLoss, active_terms, typed_losses
 from .tokens import attention_kl, token_cosine, token_mse
 
 __all__ = [
@@ -61,4 +61,5 @@ __all__ = [
     "term_classes",
     "token_cosine",
     "token_mse",
+    "typed_losses",
 ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 from mmkd.registry import Registry
 
 # the label of an unlabelled row in a training batch that mixes labelled and unlabelled rows
@@ -196,19 +196,21 @@ def term_classes() -> list[type[LossTerm]]:
 # --------------------------------------------------------------------------- layer pairs
 
 
-def parse_pairs(pairs: Any, key: str) -> list[tuple[str, str]]:
-    """`pairs: [[student_layer, teacher_layer], ...]` as tuples; ConfigError otherwise."""
+def parse_pairs(pairs: Any) -> list[tuple[str, str]]:
+    """`pairs: [[student_layer, teacher_layer], ...]` as tuples; a SettingError of the term's
+    `pairs` otherwise."""
     out = []
     for index, pair in enumerate(pairs or []):
         if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise ConfigError(
-                f"{key}.pairs[{index}]: {list(pair)!r} is not [student_layer, teacher_layer]"
+            raise SettingError(
+                f"pairs[{index}]", f"{list(pair)!r} is not [student_layer, teacher_layer]"
             )
         out.append((str(pair[0]), str(pair[1])))
     if not out:
-        raise ConfigError(
-            f"{key}.pairs: list at least one [student_layer, teacher_layer] pair "
-            "(e.g. [[stages.2, stages.2]]); the valid names are in the error of a wrong one"
+        raise SettingError(
+            "pairs",
+            "list at least one [student_layer, teacher_layer] pair "
+            "(e.g. [[stages.2, stages.2]]); the valid names are in the error of a wrong one",
         )
     return out
 
@@ -237,7 +239,7 @@ class LayerPairTerm(LossTerm):
     def __init__(self, cfg: Any, ctx: TermContext) -> None:
         super().__init__(cfg, ctx)
         key = f"{ctx.key}.{self.name}"
-        self.pairs = parse_pairs(cfg.pairs, key)
+        self.pairs = parse_pairs(cfg.pairs)
         self.student_shapes = ctx.layer_shapes(
             "student", [s for s, _ in self.pairs], f"{key}.pairs"
         )
@@ -247,14 +249,16 @@ class LayerPairTerm(LossTerm):
         for s, t in self.pairs:
             s_shape, t_shape = self.student_shapes[s], self.teacher_shapes[t]
             if self.needs_spatial and (len(s_shape) < 2 or len(t_shape) < 2):
-                raise ConfigError(
-                    f"{key}.pairs: [{s}, {t}] has shapes {s_shape} and {t_shape}; "
-                    f"{self.name} needs spatial features (C, *positions) on both sides"
+                raise SettingError(
+                    "pairs",
+                    f"[{s}, {t}] has shapes {s_shape} and {t_shape}; "
+                    f"{self.name} needs spatial features (C, *positions) on both sides",
                 )
             if self.same_spatial_rank and len(s_shape) != len(t_shape):
-                raise ConfigError(
-                    f"{key}.pairs: [{s}, {t}] has shapes {s_shape} and {t_shape}: "
-                    f"{self.name} needs features with the same number of spatial axes"
+                raise SettingError(
+                    "pairs",
+                    f"[{s}, {t}] has shapes {s_shape} and {t_shape}: "
+                    f"{self.name} needs features with the same number of spatial axes",
                 )
 
     def student_layers(self) -> list[str]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 
 from .base import LossTerm, TermContext, TermInputs, register_term
 from .logits import check_classifiers
@@ -63,9 +63,7 @@ class SigmoidKD(LossTerm):
         weights = list(cfg.class_weights or [])
         classes = ctx.student.num_classes if ctx.student is not None else None
         if weights and classes is not None and len(weights) != classes:
-            raise ConfigError(
-                f"{ctx.key}.{self.name}.class_weights: {len(weights)} weights for {classes} classes"
-            )
+            raise SettingError("class_weights", f"{len(weights)} weights for {classes} classes")
         self.register_buffer(
             "class_weights",
             torch.tensor(weights, dtype=torch.float32) if weights else None,

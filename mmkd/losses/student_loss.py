@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mmkd.roles import Slot
@@ -103,15 +102,16 @@ def freeze_unused_head(student: nn.Module, loss: StudentLoss, role: str) -> None
 
 
 def build_student_loss(
-    sections: Iterable[tuple[str, DictConfig, str, str | None]],
+    sections: Iterable[tuple[str, Any, str, str | None]],
     student: Any,
     teachers: Mapping[str, Any],
     slot: Slot,
     teacher_slots: Mapping[str, Slot],
 ) -> StudentLoss:
-    """The loss groups of the student in `slot` from the (config key, losses section, scope,
-    teacher name) `sections` (None: the label terms), freezing the head parts no term trains.
-    The teachers' slots give their config keys (in errors) and metric prefixes."""
+    """The loss groups of the student in `slot` from the (config key, losses section (its
+    dataclass), scope, teacher name) `sections` (None: the label terms), freezing the head
+    parts no term trains. The teachers' slots give their config keys (in errors) and metric
+    prefixes."""
     groups = {}
     for key, section, scope, name in sections:
         teacher = teachers.get(name) if name else None

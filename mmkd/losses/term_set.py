@@ -1,4 +1,7 @@
-"""`DistillLoss`: the weighted terms of one student against one teacher (or the labels)."""
+"""`DistillLoss`: the weighted terms of one student against one teacher (or the labels).
+
+It is given typed values: a losses section as its schema's dataclass (one field per term, each
+an instance of the term's `Config`), and each term is built from its own instance."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from typing import Any
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from mmkd.errors import settings_at
 
 from .base import (
     FeatureTarget,
@@ -20,22 +25,29 @@ from .base import (
 )
 
 
-def active_terms(cfg: DictConfig, scope: str = "all") -> list[type[LossTerm]]:
-    """The registered terms `cfg` (a losses section) switches on (weight > 0) in `scope`:
-    "teacher" (the terms on a teacher), "labels" (those on the labels only) or "all"."""
+def active_terms(losses: Any, scope: str = "all") -> list[type[LossTerm]]:
+    """The registered terms `losses` (a losses section: its dataclass, or a config node of
+    it) switches on (weight > 0) in `scope`: "teacher" (the terms on a teacher), "labels"
+    (those on the labels only) or "all"."""
     return [
         cls
         for cls in term_classes()
-        if cls.name in cfg
-        and cfg[cls.name].weight > 0
+        if getattr(losses, cls.name, None) is not None
+        and getattr(losses, cls.name).weight > 0
         and (scope == "all" or cls.uses_teacher == (scope == "teacher"))
     ]
 
 
-def typed_settings(section: Any) -> Any:
-    """A term's config section as an instance of its `Config` dataclass (interpolations
-    resolved), so a term is built from typed values; anything else is returned as it is."""
-    if isinstance(section, DictConfig) and is_dataclass(OmegaConf.get_type(section)):
+def typed_losses(section: Any) -> Any:
+    """A losses section as its schema's dataclass (interpolations resolved): a config node of
+    the schema is converted, a dataclass instance returned as it is."""
+    if isinstance(section, DictConfig):
+        if not is_dataclass(OmegaConf.get_type(section)):
+            raise TypeError(
+                "DistillLoss needs a typed losses section (its schema's dataclass, or a node "
+                "merged onto OmegaConf.structured(mmkd.config.schema.losses_schema())), "
+                "not a plain mapping"
+            )
         return OmegaConf.to_object(section)
     return section
 
@@ -50,20 +62,24 @@ class DistillLoss(nn.Module):
 
     def __init__(
         self,
-        cfg: DictConfig,
+        losses: Any,
         student_dim: int,
         teacher_dim: int | None,
         scope: str = "all",
         **context: Any,
     ) -> None:
+        """`losses`: the losses section, typed (a config node of its schema is converted)."""
         super().__init__()
-        self.cfg = cfg
+        losses = typed_losses(losses)
         ctx = TermContext(student_dim, teacher_dim, **context)
-        classes = active_terms(cfg, scope)
-        self.weights = {cls.name: float(cfg[cls.name].weight) for cls in classes}
-        self.terms = nn.ModuleDict(
-            {cls.name: cls(typed_settings(cfg[cls.name]), ctx) for cls in classes}
-        )
+        classes = active_terms(losses, scope)
+        settings = {cls.name: getattr(losses, cls.name) for cls in classes}
+        self.weights = {name: float(section.weight) for name, section in settings.items()}
+        terms = {}
+        for cls in classes:  # a term reports a wrong setting by field; named here at its key
+            with settings_at(f"{ctx.key}.{cls.name}"):
+                terms[cls.name] = cls(settings[cls.name], ctx)
+        self.terms = nn.ModuleDict(terms)
         needs_space = any(term.teacher_space for term in self.terms.values())
         self.to_teacher = (
             nn.Linear(student_dim, teacher_dim, bias=False)

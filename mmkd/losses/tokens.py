@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmkd.errors import ConfigError
+from mmkd.errors import ConfigError, SettingError
 
 from .base import FeatureTarget, LayerPairTerm, TermContext, TermInputs, register_term
 from .layers import Pairs
@@ -93,14 +93,16 @@ class TokenPairTerm(LayerPairTerm):
         check_same_tokens(ctx, key)
         for s, t in self.pairs:
             if not (s.startswith(self.prefix) and t.startswith(self.prefix)):
-                raise ConfigError(
-                    f"{key}.pairs: [{s}, {t}]: {self.name} compares {self.prefix}N features "
-                    f"on both sides (`mmkd layers` lists them)"
+                raise SettingError(
+                    "pairs",
+                    f"[{s}, {t}]: {self.name} compares {self.prefix}N features "
+                    "on both sides (`mmkd layers` lists them)",
                 )
             if self.token_axes(self.student_shapes[s]) != self.token_axes(self.teacher_shapes[t]):
-                raise ConfigError(
-                    f"{key}.pairs: [{s}, {t}] has shapes {self.student_shapes[s]} and "
-                    f"{self.teacher_shapes[t]}: the token axes must match"
+                raise SettingError(
+                    "pairs",
+                    f"[{s}, {t}] has shapes {self.student_shapes[s]} and "
+                    f"{self.teacher_shapes[t]}: the token axes must match",
                 )
         ctx.layer_shapes("student", [MASK], f"{key}.pairs")
 
@@ -196,10 +198,10 @@ class AttentionKL(TokenPairTerm):
         for s, t in self.pairs:
             s_heads, t_heads = self.student_shapes[s][0], self.teacher_shapes[t][0]
             if cfg.heads == "equal" and s_heads != t_heads:
-                raise ConfigError(
-                    f"{ctx.key}.{self.name}.pairs: [{s}, {t}] has {s_heads} student and "
-                    f"{t_heads} teacher heads; heads=equal compares head by head (set "
-                    f"{ctx.key}.{self.name}.heads=mean to compare head-averaged attention)"
+                raise SettingError(
+                    "pairs",
+                    f"[{s}, {t}] has {s_heads} student and {t_heads} teacher heads; heads=equal "
+                    "compares head by head (set its heads=mean to compare head-averaged attention)",
                 )
 
     def token_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
