@@ -142,7 +142,7 @@ def measure_overhead(
     pl.seed_everything(0, verbose=False)
     splits = build_splits(cfg.data)
     teachers, students = build_models(cfg, splits)
-    module = DistillModule(cfg, teachers, students, splits.class_names)
+    module = DistillModule.from_config(cfg, teachers, students, splits.class_names)
     batch = one_batch(cfg, module, splits)
     teacher = module.teacher  # the one teacher (build_models returns {name: teacher})
     plain_teacher, plain_student = copy.deepcopy(teacher), copy.deepcopy(students["student"])
