@@ -212,13 +212,15 @@ def run_row(row: str, seed: int, out: Path, args: argparse.Namespace, state: dic
 
 
 def evaluate_run(run_dir: Path, frames: FramesDataset, full: dict[str, torch.Tensor]) -> dict:
-    cached = run_dir / "bench_eval.json"
-    if cached.is_file() and (run_dir / "bench_eval_pitch.pt").is_file():
+    cached, pitch_file = run_dir / "bench_eval.json", run_dir / "bench_eval_pitch.pt"
+    # reused only for the same evaluation frames (another --eval-hop evaluates again)
+    same_frames = pitch_file.is_file() and len(torch.load(pitch_file)["pitch"]) == len(frames)
+    if cached.is_file() and same_frames:
         return json.loads(cached.read_text())
     student = load_exported(run_dir / "student").model
     logits = logits_on(student, frames)
     pitch, periodicity = decode_pitch(logits)
-    torch.save({"pitch": pitch, "periodicity": periodicity}, run_dir / "bench_eval_pitch.pt")
+    torch.save({"pitch": pitch, "periodicity": periodicity}, pitch_file)
     metrics = pitch_agreement(pitch, full["pitch"], periodicity, full["periodicity"], 0.5)
     metrics["params"] = float(sum(p.numel() for p in student.parameters()))
     cached.write_text(json.dumps(metrics, indent=2))
@@ -461,10 +463,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = eval_frames(out, args.eval_hop)
 
     full_file = out / "full_eval.pt"
-    if not full_file.is_file():
+    kept = torch.load(full_file) if full_file.is_file() else None
+    # full's outputs belong to one set of evaluation frames (--eval-hop): another set recomputes
+    if (
+        kept is None
+        or kept.get("eval_hop", args.eval_hop) != args.eval_hop
+        or len(kept["logits"]) != len(frames)
+    ):
         started = time.perf_counter()
         logits = logits_on(crepe_model("full", True), frames)
-        torch.save({"logits": logits.half()}, full_file)  # float16, as the store keeps them
+        # float16, as the store keeps them
+        torch.save({"logits": logits.half(), "eval_hop": args.eval_hop}, full_file)
         state["phases"]["full on eval frames"] = time.perf_counter() - started
         save_state(out, state)
     full = torch.load(full_file)

@@ -51,6 +51,7 @@ from mmkd.models import build_models
 from mmkd.plots import plot_training_curves
 from mmkd.report import format_summary
 from mmkd.roles import adapter_specs
+from mmkd.run_lock import run_dir_lock
 from mmkd.teacher_source import check_student_views, fit_view_policy, stores_dir
 
 log = logging.getLogger("mmkd")
@@ -164,6 +165,12 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, f
     `callbacks` are added to the Trainer)."""
     validate(cfg)
     run_dir = resolve_run_dir(cfg)
+    with run_dir_lock(run_dir):
+        return _train_in(cfg, run_dir, callbacks)
+
+
+def _train_in(cfg: DictConfig, run_dir: Path, callbacks: Sequence[pl.Callback]) -> dict[str, float]:
+    """`train` once this process holds the run folder."""
     resume = check_run_dir(cfg, run_dir)
     absolute_data_paths(cfg.data)
     absolute_model_paths(cfg)

@@ -33,6 +33,9 @@ SCRIPT = textwrap.dedent("""
             if trainer.global_step == {step}:
                 os.kill(os.getpid(), signal.{signal})
 
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: restore it, as a terminal would have it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = sys.argv[1:]
     if "run.resume=true" in args:
         sys.exit(main(args))
