@@ -463,20 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = eval_frames(out, args.eval_hop)
 
     full_file = out / "full_eval.pt"
-    kept = torch.load(full_file) if full_file.is_file() else None
+    full = torch.load(full_file) if full_file.is_file() else None
     # full's outputs belong to one set of evaluation frames (--eval-hop): another set recomputes
     if (
-        kept is None
-        or kept.get("eval_hop", args.eval_hop) != args.eval_hop
-        or len(kept["logits"]) != len(frames)
+        full is None
+        or full.get("eval_hop", args.eval_hop) != args.eval_hop
+        or len(full["logits"]) != len(frames)
     ):
         started = time.perf_counter()
         logits = logits_on(crepe_model("full", True), frames)
         # float16, as the store keeps them
-        torch.save({"logits": logits.half(), "eval_hop": args.eval_hop}, full_file)
+        full = {"logits": logits.half(), "eval_hop": args.eval_hop}
+        torch.save(full, full_file)
         state["phases"]["full on eval frames"] = time.perf_counter() - started
         save_state(out, state)
-    full = torch.load(full_file)
     # decoded here, in every attempt, with the same seeded bin centres as the students
     full["pitch"], full["periodicity"] = decode_pitch(full["logits"].float())
 
