@@ -48,10 +48,15 @@ class RnnEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         embedded = self.dropout(self.embedding(input_ids))
-        lengths = attention_mask.sum(1).clamp_min(1).cpu()
-        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-        states, (h_n, _) = self.lstm(packed)
-        tokens, _ = pad_packed_sequence(states, batch_first=True, total_length=input_ids.shape[1])
+        if bool(attention_mask.all()):  # no padding (batch 1, or equal lengths): packing only
+            tokens, (h_n, _) = self.lstm(embedded)  # costs time (~10 % at batch 1)
+        else:
+            lengths = attention_mask.sum(1).clamp_min(1).cpu()
+            packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+            states, (h_n, _) = self.lstm(packed)
+            tokens, _ = pad_packed_sequence(
+                states, batch_first=True, total_length=input_ids.shape[1]
+            )
         mask = attention_mask[:, : tokens.shape[1]]
         if self.pooling == "last":  # final forward (and backward) states of the top layer
             directions = 2 if self.lstm.bidirectional else 1

@@ -119,8 +119,10 @@ def test_text_rnn_embeddings_start_from_the_source(tiny_bert: Path) -> None:
     assert rnn.spec.text_rnn.embedding_dim == 16
 
 
-def test_text_rnn_features_ignore_padding() -> None:
-    rnn = build_adapter(tiny_spec("text_rnn")).eval()
+@pytest.mark.parametrize("pooling", ["max", "mean", "last"])
+def test_text_rnn_features_ignore_padding(pooling: str) -> None:
+    """A text alone (no padding: the LSTM runs unpacked) and padded in a batch (packed) agree."""
+    rnn = build_adapter(tiny_spec("text_rnn", text_rnn__pooling=pooling)).eval()
     pre = rnn.make_preprocessor()
     with torch.no_grad():
         alone = rnn(pre.collate(["a red square"])).features
