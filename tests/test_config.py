@@ -74,6 +74,10 @@ def test_compose_errors_name_the_key(override, message):
         (["losses.ce.weight=1"], r"losses\.ce\.weight: .*train_labels=false"),
         (["teacher=none"], r"losses\.embed\.weight: is 1\.0 but there is no teacher"),
         (["losses.contrastive.weight=0", "losses.embed.weight=0"], r"every weight is 0"),
+        (
+            ["student.image.img_size=${data.nothere}"],
+            r"student\.image\.img_size: \$\{data\.nothere\} names a key this config does not",
+        ),
     ],
 )
 def test_validation_errors_name_the_key(overrides, message):
@@ -136,6 +140,11 @@ def test_a_mapping_on_the_command_line_replaces_a_free_form_mapping():
     assert dict(cfg.student.timm.kwargs) == {"drop_rate": 0.1}
     cfg = compose(["student.image={img_size: 48}"])  # typed sections still merge
     assert cfg.student.image.img_size == 48 and cfg.student.image.in_chans == 3
+
+
+def test_an_interpolation_on_the_command_line_resolves_against_the_whole_config():
+    cfg = compose_and_validate("student.image.img_size=${data.batch_size}", "data.batch_size=48")
+    assert cfg.student.image.img_size == 48
 
 
 def test_a_config_saved_with_every_dataset_section_still_loads(tmp_path):

@@ -244,8 +244,12 @@ def _replace_free_mappings(cfg: DictConfig, dotlist: list[str]) -> None:
     Typed sections (dataclasses) still merge."""
     for item in dotlist:
         key = item.partition("=")[0]
-        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-        node = OmegaConf.select(cfg, key)
+        # an interpolation (`key=${other.key}`) cannot resolve in the one-item config: it is
+        # not a mapping either way, so the unresolved value is enough
+        value = OmegaConf.select(
+            OmegaConf.from_dotlist([item]), key, throw_on_resolution_failure=False
+        )
+        node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
         free = isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
         if free and isinstance(value, DictConfig):
             OmegaConf.update(cfg, key, value, merge=False)

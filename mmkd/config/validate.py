@@ -5,7 +5,8 @@ Each failure raises `ConfigError` naming the key, before any model or data is bu
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, InterpolationToMissingValueError
 
 from mmkd.adapters import adapter_sections
 from mmkd.errors import ConfigError
@@ -75,6 +76,28 @@ def _check_adapter(key: str, spec: DictConfig) -> None:
         section.check(spec[name], f"{prefix}{name}")
 
 
+def _check_interpolations(node: Container, prefix: str = "") -> None:
+    """A `${key}` that names no key fails here, naming where it is set, not when first read."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+    for key in keys:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key):
+            try:
+                node[key]
+            except (InterpolationKeyError, InterpolationToMissingValueError) as err:
+                raw = node._get_node(key)._value()  # the text as written
+                why = (
+                    "names a key this config does not have"
+                    if isinstance(err, InterpolationKeyError)
+                    else "refers to a required value that is not set"
+                )
+                raise ConfigError(f"{path}: {raw} {why}") from None
+            continue
+        child = node._get_node(key)  # the node, not its resolved value
+        if isinstance(child, DictConfig | ListConfig) and not child._is_none():
+            _check_interpolations(child, f"{path}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value that is out of range or contradicts another.
 
@@ -83,6 +106,7 @@ def validate(cfg: DictConfig) -> None:
     from mmkd.plugins import import_plugins
 
     import_plugins(cfg.run.plugins)
+    _check_interpolations(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
