@@ -12,8 +12,9 @@ from mmkd.data.resume import ResumableLoader
 
 class EpochTimer(pl.Callback):
     """Logs the wall time of each training epoch (`time/train_epoch_s`: the training batches
-    only, validation and the teacher-cache build excluded), of its validation
-    (`time/val_epoch_s`), and the training throughput (`time/train_samples_per_s`)."""
+    only, validation and the teacher-cache build excluded; not logged for an epoch resumed
+    mid-way), of its validation (`time/val_epoch_s`), and the training throughput
+    (`time/train_samples_per_s`, over the batches this process trained)."""
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -54,14 +55,17 @@ class EpochTimer(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self.start - self.val_seconds
-        pl_module.log(
-            "time/train_epoch_s",
-            seconds,
-            on_step=False,
-            on_epoch=True,
-            reduce_fx="max",
-            sync_dist=True,
-        )
+        loader = trainer.train_dataloader
+        resumed = isinstance(loader, ResumableLoader) and loader.pass_start()[1] > 0
+        if not resumed:  # an epoch resumed mid-way trained only its rest: not an epoch's time
+            pl_module.log(
+                "time/train_epoch_s",
+                seconds,
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+                sync_dist=True,
+            )
         pl_module.log(
             "time/train_samples_per_s",
             self.samples / max(seconds, 1e-9),

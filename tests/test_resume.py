@@ -14,6 +14,7 @@ import torch
 from tiny import resumable_run
 
 from mmkd.export import load_exported
+from mmkd.loggers import read_csv_log
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -92,6 +93,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
     resumed = run_script(tmp_path, "run.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(uninterrupted, tmp_path)
+    # epoch 1 was resumed mid-way: its part-epoch is no epoch time; its throughput still counts
+    timed = {r["epoch"] for r in read_csv_log(tmp_path) if "time/train_epoch_s" in r}
+    throughput = {r["epoch"] for r in read_csv_log(tmp_path) if "time/train_samples_per_s" in r}
+    assert timed == {0} and throughput == {0, 1}
 
 
 @pytest.mark.slow
