@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +138,19 @@ def write_sst2_manifests(data_root: Path, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def write_csv(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
-    """A manifest with a header `text,label`, written atomically."""
+def write_csv(path: Path, rows: Iterable[tuple[str, str]]) -> Path:
+    """A manifest with a header `text,label`, written atomically, and only when its content
+    changed: the teacher store keys a manifest by its size and modification time, so rewriting
+    the same rows at every invocation would rebuild every store (14 minutes for SST-2's views)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(("text", "label"))
+    writer.writerows(rows)
+    content = buffer.getvalue().encode("utf-8")
+    if path.is_file() and path.read_bytes() == content:
+        return path
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("text", "label"))
-        writer.writerows(rows)
+    tmp.write_bytes(content)
     tmp.replace(path)
     return path
 
@@ -247,12 +254,10 @@ def write_phrases_manifest(data_root: Path, folder: Path, limit: int | None) -> 
         rows = [r for r in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
     if limit is not None and limit < len(rows):
         rows = random.Random(0).sample(rows, limit)
-    path = folder / "phrases.csv"
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("text", "label"))
-        writer.writerows((r["sentence"].strip(), SST2_CLASSES[int(r["label"])]) for r in rows)
-    return path
+    return write_csv(
+        folder / "phrases.csv",
+        ((r["sentence"].strip(), SST2_CLASSES[int(r["label"])]) for r in rows),
+    )
 
 
 def final_val_accuracy(run_dir: Path) -> float:

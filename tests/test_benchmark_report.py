@@ -99,3 +99,15 @@ def test_report_labels_come_from_the_runs(tmp_path):
     row = next(line for line in text.splitlines() if "KD student − labels-only" in line)
     assert row.endswith("| within noise |")
     assert "median of 30 steps x 3 interleaved rounds" in text
+
+
+def test_text_manifests_are_rewritten_only_when_their_rows_change(tmp_path):
+    """The store keys a manifest by size and mtime: an unchanged rewrite must keep the mtime."""
+    from text import write_csv
+
+    path = write_csv(tmp_path / "train.csv", [("a good film", "positive")])
+    stamp = path.stat().st_mtime_ns
+    write_csv(path, [("a good film", "positive")])
+    assert path.stat().st_mtime_ns == stamp
+    write_csv(path, [("a bad film", "negative")])
+    assert path.read_text().splitlines()[1] == "a bad film,negative"
