@@ -375,7 +375,10 @@ def speaker_bootstrap(
 def verdict(rows: dict[str, Any], full: dict[str, torch.Tensor], clips: np.ndarray) -> str:
     """Whether a distilled row beats official_tiny's raw pitch accuracy beyond noise: across
     seeds (mean − 2 std above official_tiny, with 2+ seeds) and across held-out speakers (the
-    95% speaker-bootstrap interval of the paired difference above 0, for every seed)."""
+    95% speaker-bootstrap interval of the seeds' mean paired difference above 0). Each seed's
+    own interval is shown too. Requiring every seed's interval above 0 (this script's rule until
+    2026-12-01) asks more of a row the more seeds it runs: one interval of 95 % each, all at
+    once, so it was dropped for the interval of the mean."""
     base = rows.get("official_tiny", {}).get("dirs")
     if not base:
         return ""
@@ -388,18 +391,16 @@ def verdict(rows: dict[str, Any], full: dict[str, torch.Tensor], clips: np.ndarr
         if not runs:
             continue
         mean, std = mean_std([r["raw_pitch_accuracy"] for r in runs])
-        intervals = [
-            speaker_bootstrap(pitch_hits(Path(d), full).astype(float) - official, voiced, clips)
-            for d in rows[row]["dirs"]
-        ]
+        diffs = [pitch_hits(Path(d), full).astype(float) - official for d in rows[row]["dirs"]]
+        intervals = [speaker_bootstrap(diff, voiced, clips) for diff in diffs]
+        low, high = speaker_bootstrap(np.mean(diffs, axis=0), voiced, clips)
         by_seed = len(runs) > 1 and mean - 2 * std > reference
-        by_speakers = all(low > 0 for low, _ in intervals)
-        shown = "; ".join(f"[{low:+.4f}, {high:+.4f}]" for low, high in intervals)
-        beats = (by_seed or len(runs) == 1) and by_speakers
+        beats = (by_seed or len(runs) == 1) and low > 0
+        shown = "; ".join(f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in intervals)
         out.append(
             f"- {row}: raw pitch accuracy {mean:.4f} ± {std:.4f} ({len(runs)} seed(s)) vs "
             f"official_tiny {reference:.4f}; paired difference, 95% speaker-bootstrap interval "
-            f"per seed: {shown}. "
+            f"of the seeds' mean [{low:+.4f}, {high:+.4f}] (each seed's: {shown}). "
             + ("Beats it beyond noise." if beats else "Does not beat it beyond noise.")
             + (" (One seed: seed-to-seed noise not measured.)" if len(runs) == 1 else "")
         )
