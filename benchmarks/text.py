@@ -92,11 +92,12 @@ PROTOCOLS = {
 ROWS = ("teacher", "bilstm_labels_only", "bilstm_kd", "bilstm_kd_aug", "small_transformer_kd")
 # logits KD alone (no token term): runs without issue 15's token terms, reported beside the rest
 EXTRA_ROWS = ("small_transformer_kd_logits",)
+TRANSFER_LABEL = {"sst2": " + transfer phrases"}  # the tasks with a transfer set (GLUE's phrases)
 ROW_LABELS = {
     "teacher": "teacher: all-MiniLM-L6-v2 fine-tuned (6 layers, 384-d)",
     "bilstm_labels_only": "BiLSTM, labels only",
     "bilstm_kd": "BiLSTM, KD from stored teacher logits (sentences)",
-    "bilstm_kd_aug": "BiLSTM, KD, augmented views + transfer phrases",
+    "bilstm_kd_aug": "BiLSTM, KD, augmented views",  # + TRANSFER_LABEL where a task has one
     "small_transformer_kd": "3 layers kept from the teacher (0, 2, 4), KD + token term",
     "small_transformer_kd_logits": "3 layers kept from the teacher (0, 2, 4), KD on logits only",
 }
@@ -627,16 +628,20 @@ def write_report(
         "small_transformer_kd_logits": "small_transformer_kd_logits",
     }
     teacher_ms = costs.get("teacher", {}).get("latency_ms")
+
+    def label(row: str) -> str:
+        return ROW_LABELS[row] + (TRANSFER_LABEL.get(task, "") if row == "bilstm_kd_aug" else "")
+
     for row in (*ROWS, *EXTRA_ROWS):
         values = acc.get(row) or []
         cost = costs.get(model_of[row], {})
         ms = cost.get("latency_ms")
         speedup = f"{teacher_ms / ms:.1f}x" if ms and teacher_ms and row != "teacher" else ""
         lines.append(
-            f"| {ROW_LABELS[row]} | {fmt(values) if values else 'not run'} | "
+            f"| {label(row)} | {fmt(values) if values else 'not run'} | "
             f"{cost['params'] / 1e6:.2f}M | {ms:.2f} | {speedup} |"
             if cost
-            else f"| {ROW_LABELS[row]} | {fmt(values) if values else 'not run'} |  |  |  |"
+            else f"| {label(row)} | {fmt(values) if values else 'not run'} |  |  |  |"
         )
     lines += ["", "| target | figure | met |", "| --- | --- | --- |"]
     if acc["bilstm_kd_aug"] and acc["bilstm_labels_only"]:
