@@ -48,8 +48,10 @@ class RnnEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         embedded = self.dropout(self.embedding(input_ids))
-        if bool(attention_mask.all()):  # no padding (batch 1, or equal lengths): packing only
-            tokens, (h_n, _) = self.lstm(embedded)  # costs time (~10 % at batch 1)
+        # no padding (batch 1, or texts of one length): packing would only cost time, about
+        # 10 % of a batch-1 LSTM call, for the same result
+        if bool(attention_mask.all()):
+            tokens, (h_n, _) = self.lstm(embedded)
         else:
             lengths = attention_mask.sum(1).clamp_min(1).cpu()
             packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
