@@ -338,3 +338,32 @@ def test_a_store_too_big_because_of_features_says_so(tmp_path, dataset):
     spec = StoreSpec(views=1, max_gb=1e-5, features=(FeatureTarget("layer1"),))
     with pytest.raises(ConfigError, match=r"GB of it teacher features.*max_gb"):
         build(tmp_path, teacher(), dataset, spec=spec)
+
+
+def test_store_identity_follows_a_manifests_rows_not_its_mtime(tmp_path):
+    """A manifest is keyed by the rows read from it, through a transfer mix too: writing the
+    same rows again keeps the key, a changed transfer text (same ids) changes it."""
+    import os
+
+    from mmkd.data.manifest import ClassSet, ManifestDataset, read_manifest
+    from mmkd.data.transfer import TransferMix, drop_labels
+
+    train, transfer = tmp_path / "train.csv", tmp_path / "phrases.csv"
+    train.write_text("text,label\na good film,pos\na bad film,neg\n")
+    transfer.write_text("text,label\ngood,pos\nbad,neg\n")
+
+    def content() -> dict:
+        classes = ClassSet(["neg", "pos"], indices_allowed=False)
+        rows = ManifestDataset(train, read_manifest(train, "train"), ("text",), classes)
+        extra = drop_labels(read_manifest(transfer, "transfer"))
+        mix = TransferMix(rows, ManifestDataset(transfer, extra, ("text",), classes))
+        return store_key_module.data_content(mix)
+
+    first = content()
+    assert first["files"] == 4  # each row names its manifest
+    stat = train.stat()
+    train.write_text(train.read_text())  # the same rows, written again: a new mtime
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert content() == first
+    transfer.write_text("text,label\ngood,pos\nawful,neg\n")  # same ids (lines), new text
+    assert content() != first

@@ -27,6 +27,7 @@ row names are read, and checked, when the sample is loaded. A loaded sample also
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -300,6 +301,9 @@ class ManifestDataset(SafeDataset):
     ) -> None:
         super().__init__(on_error)
         self.path = path
+        # what was read from the file, keyed by content (file_identity)
+        rows_read = json.dumps(records, sort_keys=True, default=str).encode()
+        self.rows_sha256 = hashlib.sha256(rows_read).hexdigest()
         self.modalities = modalities
         self.rows: list[Row] = []
         first_line: dict[str, int] = {}
@@ -319,6 +323,12 @@ class ManifestDataset(SafeDataset):
 
     def where(self, line: int) -> str:
         return f"{self.path} row {line}"
+
+    def file_identity(self, path: str) -> str | None:
+        """The manifest's identity for the teacher store: the rows read from it, not its size and
+        mtime, so a pipeline that writes the same rows again keeps its store, and changed rows
+        (same ids, new text) never read a stale one. The files it names: None (size + mtime)."""
+        return f"rows:{self.rows_sha256}" if path == str(self.path) else None
 
     def texts(self) -> list[str | None]:
         """Each row's text (None for a row without one), without loading any file."""

@@ -8,7 +8,7 @@ dropped before they are parsed: they are never read, and need not even be valid 
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from mmkd.data.base import RawSample, Skipped, sample_ids
 from mmkd.errors import DataError
@@ -46,6 +46,28 @@ class TransferMix(Dataset):
 
     def sample_id(self, index: int) -> str:
         return self.ids[index]
+
+    def sample_files(self, index: int) -> list[str]:
+        """The files row `index` is read from, by the part that holds it (the teacher store
+        keys their identity); [] where that part cannot name its files."""
+        part, local = (
+            (self.train, index) if index < self.size else (self.transfer, index - self.size)
+        )
+        while isinstance(part, Subset):
+            part, local = part.dataset, part.indices[local]
+        files = getattr(part, "sample_files", None)
+        return files(local) if files is not None else []
+
+    def file_identity(self, path: str) -> str | None:
+        """A file's identity as the part reading it gives it (a manifest: its rows)."""
+        for part in (self.train, self.transfer):
+            while isinstance(part, Subset):
+                part = part.dataset
+            known = getattr(part, "file_identity", None)
+            identity = known(path) if known is not None else None
+            if identity is not None:
+                return identity
+        return None
 
     def __getitem__(self, index: int) -> RawSample | Skipped:
         if index < self.size:

@@ -59,8 +59,10 @@ def data_content(dataset: Dataset) -> dict[str, Any]:
     """The content identity of the files a split's samples are read from: size and
     modification time (ns) of each, as make uses them, hashed with the sample ids. A file
     replaced in place gets a new mtime, so the store key changes, at the cost of one stat per
-    file (a content hash would read the whole data set at every start). Datasets that cannot
-    name their files (generated, in-memory) give None."""
+    file (a content hash would read the whole data set at every start). A dataset may name a
+    file's identity itself (`file_identity(path)`: a manifest gives the rows it read, so
+    rewriting the same rows keeps the key). Datasets that cannot name their files (generated,
+    in-memory) give None."""
     base, indices = dataset, None
     while isinstance(base, Subset):
         inner = list(base.indices)
@@ -73,19 +75,25 @@ def data_content(dataset: Dataset) -> dict[str, Any]:
     files = getattr(base, "sample_files", None)
     if files is None:
         return {"files": None}
+    known = getattr(base, "file_identity", None)  # e.g. a manifest: the rows read from it
     stats: dict[str, str] = {}
     lines = []
     for index in range(len(base)) if indices is None else indices:  # type: ignore[arg-type]
         for path in files(index):
             if path not in stats:
-                try:
-                    st = os.stat(path)
-                    stats[path] = f"{st.st_size}:{st.st_mtime_ns}"
-                except OSError:
-                    stats[path] = "missing"
+                identity = known(path) if known is not None else None
+                stats[path] = identity if identity is not None else _stat_identity(path)
             lines.append(f"{index}\t{path}\t{stats[path]}")
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return {"files": len(lines), "files_sha256": digest}
+
+
+def _stat_identity(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def store_key(
