@@ -141,8 +141,8 @@ def write_sst2_manifests(data_root: Path, folder: Path) -> dict[str, Path]:
 
 def write_csv(path: Path, rows: Iterable[tuple[str, str]]) -> Path:
     """A manifest with a header `text,label`, written atomically, and only when its content
-    changed: the teacher store keys a manifest by its size and modification time, so rewriting
-    the same rows at every invocation would rebuild every store (14 minutes for SST-2's views)."""
+    changed, so its mtime says when its rows last changed. (The teacher store once keyed a
+    manifest by size and mtime, and every invocation rebuilt every store; it now keys the rows.)"""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(("text", "label"))

@@ -102,7 +102,7 @@ def test_report_labels_come_from_the_runs(tmp_path):
 
 
 def test_text_manifests_are_rewritten_only_when_their_rows_change(tmp_path):
-    """The store keys a manifest by size and mtime: an unchanged rewrite must keep the mtime."""
+    """An unchanged manifest keeps its mtime (its rows are its store key, tests/test_store.py)."""
     from text import write_csv
 
     path = write_csv(tmp_path / "train.csv", [("a good film", "positive")])
