@@ -26,6 +26,15 @@ def drop_labels(records: list[tuple[int, object]]) -> list[tuple[int, object]]:
     ]
 
 
+def _innermost(dataset: Dataset, index: int | None = None) -> tuple[Dataset, int | None]:
+    """The dataset under any Subsets, and `index` (if given) as an index into it."""
+    while isinstance(dataset, Subset):
+        if index is not None:
+            index = dataset.indices[index]
+        dataset = dataset.dataset
+    return dataset, index
+
+
 class TransferMix(Dataset):
     """The training rows, then the transfer rows with their labels removed."""
 
@@ -50,19 +59,15 @@ class TransferMix(Dataset):
     def sample_files(self, index: int) -> list[str]:
         """The files row `index` is read from, by the part that holds it (the teacher store
         keys their identity); [] where that part cannot name its files."""
-        part, local = (
-            (self.train, index) if index < self.size else (self.transfer, index - self.size)
+        part, local = _innermost(
+            *((self.train, index) if index < self.size else (self.transfer, index - self.size))
         )
-        while isinstance(part, Subset):
-            part, local = part.dataset, part.indices[local]
         files = getattr(part, "sample_files", None)
-        return files(local) if files is not None else []
+        return files(local) if files is not None and local is not None else []
 
     def file_identity(self, path: str) -> str | None:
         """A file's identity as the part reading it gives it (a manifest: its rows)."""
-        for part in (self.train, self.transfer):
-            while isinstance(part, Subset):
-                part = part.dataset
+        for part, _ in (_innermost(self.train), _innermost(self.transfer)):
             known = getattr(part, "file_identity", None)
             identity = known(path) if known is not None else None
             if identity is not None:
