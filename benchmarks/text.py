@@ -2,7 +2,7 @@
 3-layer transformer cut from it, on SST-2 or AG News.
 
     python benchmarks/text.py --task sst2|agnews [--data-root DIR] [--seeds 0 1 2] [--out DIR]
-                              [--full] [--rows ROW ...]
+                              [--full] [--rows ROW ...] [--jobs N]
 
 Writes the manifests (DIR/manifests/*.csv, header `text,label`, labels as class names) from
 the shipped files: SST-2 train / dev; AG News train / a fixed seeded 10 % validation split.
@@ -10,7 +10,10 @@ Trains the teacher once (experiment=<task>_teacher, reused when DIR/runs/teacher
 finished run), then for each seed the rows below. Every setting
 is chosen and every accuracy reported on SST-2 dev / the AG News validation split (the test sets
 are withheld). Each run lives in DIR/runs/<row>/seed<k>/ and is skipped when its metrics.json
-exists, so an interrupted benchmark resumes. Writes DIR/RESULTS.md and DIR/results.json.
+exists, so an interrupted benchmark resumes. On the CPU the student runs go to --jobs worker
+processes (default: one per core, at most 4), each with its share of the cores as torch threads;
+the latencies and the epoch-time ratio are measured afterwards, with nothing else running.
+Writes DIR/RESULTS.md and DIR/results.json.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="student runs trained at once, each in its own process (default: one per CPU core, "
+        "at most 4, on the CPU; 1 otherwise)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite RESULTS.md from DIR/results.json"
     )
     args = parser.parse_args(argv)
@@ -475,6 +487,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows = student_rows(task, protocol, teacher_dir, transfer)
     failed: dict[str, str] = {}
+    tasks = [(seed, row) for seed in args.seeds for row in args.rows]
+    reused = sum((out / "runs" / row / f"seed{s}" / "metrics.json").is_file() for s, row in tasks)
+    jobs = args.jobs or (min(os.cpu_count() or 1, 4) if args.accelerator == "cpu" else 1)
+    if jobs > 1 and not args.train_only and len(tasks) > 1:
+        train_in_workers(args, out, tasks, jobs)  # the loop below then finds every run finished
     for seed in args.seeds:  # the rows of one seed run back to back: their epoch times compare
         for row in args.rows:
             name = f"{row}/seed{seed}"
@@ -487,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except MMKDError as err:  # a row this branch cannot run yet (a config key)
                 failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 print(f"[benchmark] {name} failed: {failed[name]}", flush=True)
+    students_wall_s = time.perf_counter() - after_teacher
     if args.train_only:
         return 0
     costs = latencies(
@@ -511,8 +529,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["protocol"] = protocol
     report["wall_s"] = time.perf_counter() - started
     report["after_teacher_wall_s"] = time.perf_counter() - after_teacher
+    report["students_wall_s"] = students_wall_s
+    report["jobs"] = jobs
+    report["student_threads"] = student_threads(jobs)
+    report["runs_reused"] = reused
     write_report(out, task, args, report, results)
     return 0
+
+
+# the slowest rows first, so that the last runs to finish are short ones
+ROW_COST_ORDER = (
+    "bilstm_kd_aug",
+    "small_transformer_kd",
+    "small_transformer_kd_logits",
+    "bilstm_kd",
+    "bilstm_labels_only",
+)
+
+
+def student_threads(jobs: int) -> int:
+    """Torch threads of each of `jobs` student processes: OMP_NUM_THREADS, or a share of the
+    cores."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+
+
+def worker_threads(report: dict) -> str:
+    """', each with N torch thread(s)' when the student runs had their own processes."""
+    threads = report.get("student_threads")
+    return f", each with {threads} torch thread(s)" if threads and report.get("jobs", 1) > 1 else ""
+
+
+def train_in_workers(
+    args: argparse.Namespace, out: Path, tasks: Sequence[tuple[int, str]], jobs: int
+) -> None:
+    """Train every (seed, row) of `tasks` in `jobs` processes at once, each this script with
+    --train-only for one run (a run already finished returns at once). Seed by seed, slowest
+    row first: a seed's rows use different teacher stores, so they do not wait for each other;
+    the next seed's runs find the stores built. Each process gets its share of the cores as
+    torch threads unless OMP_NUM_THREADS is set, and logs to DIR/logs/<row>_seed<k>.log."""
+    order = sorted(tasks, key=lambda t: (args.seeds.index(t[0]), ROW_COST_ORDER.index(t[1])))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(student_threads(jobs)))
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    protocol = ["--full"] if args.full else ["--smoke"] if args.smoke else []
+
+    def train_one(seed_row: tuple[int, str]) -> None:
+        seed, row = seed_row
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *("--task", args.task, "--data-root", args.data_root, "--out", str(out)),
+            *("--seeds", str(seed), "--rows", row, "--accelerator", args.accelerator),
+            "--train-only",
+            *protocol,
+        ]
+        log = logs / f"{row}_seed{seed}.log"
+        print(f"[benchmark] {row}/seed{seed}: training (log {log})", flush=True)
+        with log.open("w") as handle:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        if code.returncode != 0:
+            print(f"[benchmark] {row}/seed{seed}: exit {code.returncode}, see {log}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(train_one, order))
 
 
 def summarise(
@@ -592,8 +672,11 @@ def write_report(
         f"({args.accelerator}). The student runs sum to {students_s / 60:.1f} min of wall time "
         f"(each run's own, as recorded when it finished; an interrupted attempt is not counted), "
         f"the teacher {results['teacher/seed0'].get('wall_s', 0) / 60:.1f} min; this invocation "
-        f"{report['wall_s'] / 60:.1f} min (it reuses runs found finished and re-measures the "
-        f"latencies, the data share and the epoch ratio). "
+        f"{report['wall_s'] / 60:.1f} min, {report.get('after_teacher_wall_s', 0) / 60:.1f} after "
+        f"the teacher, with {report.get('jobs', 1)} student run(s) at a time"
+        f"{worker_threads(report)} "
+        f"({report.get('runs_reused', 0)} runs found finished and reused; the latencies, the data "
+        "share and the epoch ratio are measured anew at the end). "
         f"Each run's own wall time: teacher {results['teacher/seed0'].get('wall_s', 0) / 60:.1f} "
         f"min; students "
         + ", ".join(
@@ -690,13 +773,25 @@ def write_report(
                 )
             )
     teacher_s = results["teacher/seed0"].get("wall_s", 0.0)
-    lines.append(
-        target(
-            "student runs ≤ 90 min of wall time (sum), teacher ≤ 60 min",
-            f"{students_s / 60:.1f} min, {teacher_s / 60:.1f} min",
-            students_s <= 90 * 60 and teacher_s <= 60 * 60,
+    after_teacher_s, jobs = report.get("after_teacher_wall_s"), report.get("jobs", 1)
+    if report.get("runs_reused") == 0 and after_teacher_s:  # this invocation trained every run
+        lines.append(
+            target(
+                f"the benchmark after the teacher ≤ 90 min ({jobs} run(s) at a time, the "
+                "measurements and this report included), teacher ≤ 60 min",
+                f"{after_teacher_s / 60:.1f} min, {teacher_s / 60:.1f} min",
+                after_teacher_s <= 90 * 60 and teacher_s <= 60 * 60,
+            )
         )
-    )
+    else:  # runs of earlier invocations reused: only their own times add up
+        lines.append(
+            target(
+                "student runs ≤ 90 min of wall time (sum; runs of earlier invocations reused), "
+                "teacher ≤ 60 min",
+                f"{students_s / 60:.1f} min, {teacher_s / 60:.1f} min",
+                students_s <= 90 * 60 and teacher_s <= 60 * 60,
+            )
+        )
     share = report["data_share"]
     lines += [
         "",
