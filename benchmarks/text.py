@@ -51,7 +51,8 @@ SST2_CLASSES = ("negative", "positive")  # stsa.binary labels 0 / 1
 # in at most 90 minutes): 48 tokens; the teacher fine-tuned on every training text (SST-2 2
 # epochs; AG News 1 epoch, its 9,001 articles fill all 48 tokens, SST-2's sentences about half);
 # students on every training text too, BiLSTM 4 epochs (batch 64, the teacher-initialised
-# embeddings frozen), the 3-layer transformer 3 epochs on SST-2 and 2 on AG News;
+# embeddings frozen on SST-2, trained on AG News), the 3-layer transformer 3 epochs on SST-2
+# and 2 on AG News;
 # K=4 stored views of which a quarter keep the text as it is (Tang et al. add their augmented
 # sentences to the originals; a student that never sees a clean sentence is tested on clean
 # ones) and, for SST-2, 2,000 GLUE phrases as the transfer set.
@@ -66,7 +67,9 @@ PROTOCOLS = {
         # below labels only, 0.7603 vs 0.8020
         "train_samples": {"sst2": None, "agnews": None},
         "bilstm_epochs": 4,
-        "bilstm_frozen_embeddings": True,
+        # AG News, seed 0 (held-out 1,000): trained embeddings lift KD with views from 0.851 to
+        # 0.871, labels only from 0.851 to 0.855; SST-2 was not swept again
+        "bilstm_frozen_embeddings": {"sst2": True, "agnews": False},
         "student_batch": 64,
         "transformer_epochs": {"sst2": 3, "agnews": 2},
         "views": 4,
@@ -210,7 +213,8 @@ def student_rows(
         f"trainer.max_epochs={protocol['bilstm_epochs']}",
         f"student.text_rnn.init_from={teacher_dir}",
         f"student.text_rnn.max_length={protocol['max_length']}",
-        f"student.text_rnn.freeze_embeddings={protocol.get('bilstm_frozen_embeddings', False)}",
+        "student.text_rnn.freeze_embeddings="
+        f"{per_task(protocol.get('bilstm_frozen_embeddings', False), task)}",
     ]
     small = [
         "student=text_small",
@@ -661,6 +665,7 @@ def write_report(
         json.dumps({"runs": results, **report}, indent=2, sort_keys=True, default=str)
     )
     acc, costs, protocol = report["accuracy"], report["costs"], report["protocol"]
+    frozen = per_task(protocol.get("bilstm_frozen_embeddings", False), task)
     teacher = acc["teacher"][0]
     seeds = " ".join(map(str, args.seeds))
     students_s = sum(m.get("wall_s", 0.0) for name, m in results.items() if name != "teacher/seed0")
@@ -693,7 +698,8 @@ def write_report(
         f"fixed subset when not all), K={protocol.get('views')} stored views (keep_prob "
         f"{protocol.get('keep_prob', 0.0)}, masking p 0.1, n-gram sampling p "
         f"{per_task(NGRAM_PROB, task)}), "
-        f"BiLSTM {protocol['bilstm_epochs']} epochs (AdamW 2e-3), 3-layer transformer "
+        f"BiLSTM {protocol['bilstm_epochs']} epochs (AdamW 2e-3, the teacher's token "
+        f"embeddings {'frozen' if frozen else 'trained'}), 3-layer transformer "
         f"{per_task(protocol['transformer_epochs'], task)} epochs (AdamW 1e-4); KD T=2 + 0.5 CE "
         "from stored "
         f"teacher logits. Accuracy on {EVAL_SPLIT[task]} after the last epoch; mean ± std over "
