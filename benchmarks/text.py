@@ -563,6 +563,11 @@ def worker_threads(report: dict) -> str:
     return f", each with {threads} torch thread(s)" if threads and report.get("jobs", 1) > 1 else ""
 
 
+def worker_order(tasks: Sequence[tuple[int, str]], seeds: Sequence[int]) -> list[tuple[int, str]]:
+    """(seed, row) in the order the workers take them: seed by seed, slowest row first."""
+    return sorted(tasks, key=lambda t: (list(seeds).index(t[0]), ROW_COST_ORDER.index(t[1])))
+
+
 def train_in_workers(
     args: argparse.Namespace, out: Path, tasks: Sequence[tuple[int, str]], jobs: int
 ) -> None:
@@ -571,7 +576,7 @@ def train_in_workers(
     row first: a seed's rows use different teacher stores, so they do not wait for each other;
     the next seed's runs find the stores built. Each process gets its share of the cores as
     torch threads unless OMP_NUM_THREADS is set, and logs to DIR/logs/<row>_seed<k>.log."""
-    order = sorted(tasks, key=lambda t: (args.seeds.index(t[0]), ROW_COST_ORDER.index(t[1])))
+    order = worker_order(tasks, args.seeds)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(student_threads(jobs)))
     logs = out / "logs"
