@@ -9,11 +9,15 @@ view each training sample must be replayed as (`view_policy`).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import IterableDataset
 
 from mmkd.adapters import Adapter
@@ -32,6 +36,7 @@ from mmkd.store import (
     teacher_collate,
     teacher_outputs,
 )
+from mmkd.store.build import keep_going
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +121,16 @@ class StoredTeacher:
             draw_seed=self.run_seed,
         )
 
-    def setup(self, trainer: pl.Trainer, datamodule: Any, device: torch.device) -> None:
+    def setup(
+        self,
+        trainer: pl.Trainer,
+        datamodule: Any,
+        device: torch.device,
+        check_stop: Callable[[], None] = keep_going,
+    ) -> None:
         """Build (every process its share of the chunks, the teacher on `device`) or find, then
-        open, the train and val entries of `datamodule`'s splits."""
+        open, the train and val entries of `datamodule`'s splits (`check_stop`: see
+        `StoreBuilder`)."""
         if self.cache_dir is None:
             raise ValueError("StoredTeacher.setup: no cache_dir was given to keep the store in")
         data = datamodule.cfg  # the run's data settings
@@ -148,6 +160,7 @@ class StoredTeacher:
                 device=device,
                 num_workers=datamodule.num_workers,
                 label=f" ({split})" if self.slot.name == SHORTHAND else f" ({self.name}, {split})",
+                check_stop=check_stop,
             )
             folder, seconds = open_or_build(self.cache_dir, builder, collective(trainer))
             self.stores[split] = TeacherStore.open(folder, verify=False)  # verified just now
@@ -180,8 +193,38 @@ class BuildTeacherStores(pl.Callback):
         self.stores = stores
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for store in self.stores:
-            store.setup(trainer, trainer.datamodule, pl_module.device)
+        with StopOnSigterm() as stop:
+            for store in self.stores:
+                store.setup(trainer, trainer.datamodule, pl_module.device, stop.check)
+
+
+class StopOnSigterm:
+    """While the stores build, SIGTERM stops the build at its next batch and the run as it stops
+    mid-epoch (Lightning's SIGTERMException: a checkpoint, exit 143). Lightning installs its own
+    handler only after `on_fit_start`, so without this a SIGTERM kills the process outright, with
+    no checkpoint and no message. Finished chunks are kept either way."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():  # signals reach only it
+            self.previous = signal.signal(signal.SIGTERM, self.record)
+        return self
+
+    def record(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def check(self) -> None:
+        if self.received:
+            raise SIGTERMException
+
+    def __exit__(self, kind: Any, err: Any, trace: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if err is None:
+            self.check()  # a signal that came after the last check
 
 
 def collective(trainer: pl.Trainer) -> Collective:

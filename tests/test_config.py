@@ -38,6 +38,14 @@ def test_teacher_none_sets_null():
     validate(cfg)
 
 
+def test_a_teacher_set_key_by_key_after_none_has_its_adapters_sections():
+    """`teacher=none` then `teacher.KEY=...` builds the teacher on its adapter's spec: its
+    sections were refused before, as if they belonged to another adapter."""
+    cfg = compose(["teacher=none", "teacher.adapter=audio_cnn", "teacher.cnn.channels=[4,8]"])
+    assert cfg.teacher.adapter == "audio_cnn" and list(cfg.teacher.cnn.channels) == [4, 8]
+    assert cfg.teacher.audio.n_mels > 0  # the section's defaults are there
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

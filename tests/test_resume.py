@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import resumable_run
+from tiny import resumable_run, tiny_overrides
 
 from mmkd.export import load_exported
 from mmkd.loggers import read_csv_log
@@ -121,3 +121,61 @@ def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
     path.write_bytes(path.read_bytes()[:300])  # truncated
     with pytest.raises(CheckpointError, match=r"last\.ckpt: unreadable checkpoint"):
         SafeCheckpointIO().load_checkpoint(path)
+
+
+STORE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import mmkd.store.build as build
+    from mmkd.train import main
+
+    calls = 0
+    original = build.encode
+
+    def encode(*args, **kwargs):  # called once per stored array (embedding, logits) per batch
+        global calls
+        calls += 1
+        if calls == {call}:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    build.encode = encode
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_store_build_stops_it_keeping_finished_chunks(tmp_path):
+    """Lightning only records SIGTERM until the training loop runs; the store build (when fitting
+    starts) must act on it itself, not finish first. Chunks of 16 in batches of 8: the signal
+    arrives in the third batch, so chunk 0 is done and chunk 16 is not."""
+    store = tmp_path / "store"
+    args = [
+        *OVERRIDES,
+        *tiny_overrides("teacher", "audio_cnn"),
+        "teacher.head.classifier=true",
+        "losses=kd",
+        "distill.cache=true",
+        f"distill.cache_dir={store}",
+        "distill.store.chunk_size=16",
+        "data.eval_batch_size=8",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    code = STORE_SCRIPT.format(call=5)
+    stopped = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "checkpoint saved" in stopped.stderr and "Traceback" not in stopped.stderr
+    (partial,) = store.glob("*.partial")  # the train split's entry, unfinished
+    assert sorted(p.name for p in (partial / "chunks").iterdir()) == ["0.done"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-c", STORE_SCRIPT.format(call=-1), *args, "run.resume=true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert not list(store.glob("*.partial")) and len(list(store.glob("*/meta.json"))) == 2

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,16 @@ def teacher_collate(
     )
 
 
+def keep_going() -> None:
+    """The default `StoreBuilder.check_stop`: nothing asks a build to stop."""
+
+
 class StoreBuilder:
-    """Runs the teacher over a split's K views and writes the entry, resumably."""
+    """Runs the teacher over a split's K views and writes the entry, resumably.
+
+    `check_stop` is called between batches and while waiting for another builder; it raises to
+    stop the build (a training run passes one that raises on SIGTERM, which Lightning otherwise
+    acts on only once training has begun). Finished chunks are kept: the next build resumes."""
 
     def __init__(
         self,
@@ -75,6 +84,7 @@ class StoreBuilder:
         device: torch.device,
         num_workers: int = 0,
         label: str = "",
+        check_stop: Callable[[], None] = keep_going,
     ) -> None:
         self.teacher = teacher
         self.dataset = dataset
@@ -85,6 +95,7 @@ class StoreBuilder:
         self.device = device
         self.num_workers = num_workers
         self.label = label
+        self.check_stop = check_stop
 
     def output_shapes(self) -> dict[str, Any]:
         example = self.teacher.example_batch(2)
@@ -337,6 +348,7 @@ class StoreBuilder:
         pairs = zip(owner, loader, strict=True)
         warned: set[str] = set()
         for start, batch in tqdm(pairs, total=len(batches), desc=desc, disable=not progress):
+            self.check_stop()
             for name, reason in batch.get("skipped_ids", []):
                 if name not in warned:
                     warned.add(name)

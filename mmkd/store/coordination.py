@@ -53,7 +53,7 @@ def open_or_build(
     lock, done = None, False
     if group.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-    lock = acquire_together(root / f"{builder.key}.lock", folder, group)
+    lock = acquire_together(root / f"{builder.key}.lock", folder, group, builder.check_stop)
     try:
         if group.rank == 0:  # another run may have built or repaired it while this one waited
             problem = entry_problem(folder)
@@ -103,7 +103,9 @@ def entry_problem(folder: Path) -> CheckpointError | None:
     return None
 
 
-def acquire_together(path: Path, folder: Path, group: Collective) -> FileLock | None:
+def acquire_together(
+    path: Path, folder: Path, group: Collective, check_stop: Callable[[], None] = lambda: None
+) -> FileLock | None:
     """Global rank 0 takes the builder's lock for `folder` (returned; None on other ranks),
     waiting while another run holds it, with one line saying so. The kernel drops a dead
     process's lock, so its successor takes over.
@@ -119,6 +121,7 @@ def acquire_together(path: Path, folder: Path, group: Collective) -> FileLock | 
             try:
                 lock.acquire(timeout=LOCK_POLL_S)
             except Timeout:
+                check_stop()
                 held = False
                 waited += LOCK_POLL_S
                 if waited == LOCK_POLL_S:
