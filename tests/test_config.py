@@ -56,6 +56,10 @@ def test_a_teacher_set_key_by_key_after_none_has_its_adapters_sections():
         ("experiment=nope", r"experiment=nope.*Available: .*demo_bind"),
         ("student.image.in_chans=3.5", r"student\.image\.in_chans"),
         ("noequals", r"expected key=value"),
+        (
+            "+losses.kd.weight=1",
+            r"\+losses\.kd\.weight=1.*no Hydra-style '\+'.*losses\.kd\.weight=1",
+        ),
     ],
 )
 def test_compose_errors_name_the_key(override, message):

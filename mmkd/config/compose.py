@@ -123,6 +123,12 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. trainer.max_epochs=3)")
+        if key.startswith(("+", "~")):  # Hydra's add / force-add / delete prefixes
+            plain = key.lstrip("+~")
+            raise ConfigError(
+                f"override {item!r}: mmkd takes no Hydra-style {key[: len(key) - len(plain)]!r} "
+                f"prefix; every key is declared already: write {plain}={value}"
+            )
         if key in CONFIG_GROUPS:
             choices[key] = value
         else:
