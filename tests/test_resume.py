@@ -135,18 +135,20 @@ STORE_SCRIPT = textwrap.dedent("""
         global calls
         calls += 1
         if calls == {call}:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.{signal})
         return original(*args, **kwargs)
 
     build.encode = encode
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in SCRIPT above
     sys.exit(main(sys.argv[1:]))
 """)
 
 
 @pytest.mark.slow
-def test_sigterm_during_the_store_build_stops_it_keeping_finished_chunks(tmp_path):
-    """Lightning only records SIGTERM until the training loop runs; the store build (when fitting
-    starts) must act on it itself, not finish first. Chunks of 16 in batches of 8: the signal
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_the_store_build_stops_it_keeping_finished_chunks(tmp_path, sig, code):
+    """Lightning installs its SIGTERM handler only after the store builds (when fitting starts):
+    the build must act on SIGTERM itself, as on Ctrl-C. Chunks of 16 in batches of 8: the signal
     arrives in the third batch, so chunk 0 is done and chunk 16 is not."""
     store = tmp_path / "store"
     args = [
@@ -160,17 +162,17 @@ def test_sigterm_during_the_store_build_stops_it_keeping_finished_chunks(tmp_pat
         "data.eval_batch_size=8",
         f"run.dir={tmp_path / 'run'}",
     ]
-    code = STORE_SCRIPT.format(call=5)
+    script = STORE_SCRIPT.format(call=5, signal=sig)
     stopped = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.returncode == code, stopped.stderr[-3000:]
     assert "checkpoint saved" in stopped.stderr and "Traceback" not in stopped.stderr
     (partial,) = store.glob("*.partial")  # the train split's entry, unfinished
     assert sorted(p.name for p in (partial / "chunks").iterdir()) == ["0.done"]
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = subprocess.run(
-        [sys.executable, "-c", STORE_SCRIPT.format(call=-1), *args, "run.resume=true"],
+        [sys.executable, "-c", STORE_SCRIPT.format(call=-1, signal=sig), *args, "run.resume=true"],
         cwd=ROOT,
         capture_output=True,
         text=True,
