@@ -39,6 +39,7 @@ from mmkd.config.choices import (
     select,
     unknown_section,
 )
+from mmkd.config.schema import adapter_schema
 from mmkd.data import DATASETS, dataset_sections
 from mmkd.errors import ConfigError
 
@@ -189,11 +190,13 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     required: set[str] = set()
     for node, source in body:
         required |= OmegaConf.missing_keys(node)  # "???" values: the user must set them
+        _type_null_teacher(cfg, node, chosen)
         cfg = _merge(cfg, node, source, chosen)
     for key in required:  # merging "???" keeps the old value; mark the key missing again
         OmegaConf.update(cfg, key, "???")
     if experiment:
         cfg.run.name = experiment
+    _type_null_teacher(cfg, cli, chosen)
     cfg = _merge(cfg, cli, "command line", chosen)
     _replace_free_mappings(cfg, dotlist)
     _set_exported_adapters(cfg, chosen)
@@ -201,6 +204,15 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         cfg.run.config_path = str(search[0])
     _remember_command_line(cfg, dotlist)
     return cfg
+
+
+def _type_null_teacher(cfg: DictConfig, layer: DictConfig, chosen: Choices) -> None:
+    """A teacher that is null so far (`teacher=none`) and that `layer` sets key by key starts
+    as its adapter's spec: merged onto null, the keys would be checked against the bare
+    `AdapterSpec`, which has no sections, and every section refused."""
+    adapter = chosen.adapters.get("teacher")
+    if adapter and cfg.teacher is None and isinstance(select(layer, "teacher"), DictConfig):
+        cfg.teacher = OmegaConf.structured(adapter_schema(adapter, "teacher.adapter"))
 
 
 def _set_exported_adapters(cfg: DictConfig, chosen: Choices) -> None:

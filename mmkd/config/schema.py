@@ -319,15 +319,14 @@ def run_schema(dataset: str = "demo", adapters: Optional[Dict[str, str]] = None)
         return {name: spec(f"{prefix}{name}", teacher_losses) for name in names}
 
     teachers, extra_students = named("teachers", losses), named("extra_students")
-    # annotated with the adapter's own spec class: a null teacher (`teacher=none`) then set key
-    # by key from a later layer becomes that class, sections included, not a bare AdapterSpec
-    teacher_spec = spec("teacher") if "teacher" in adapters else AdapterSpec
-    teacher = field(default_factory=teacher_spec) if "teacher" in adapters else field(default=None)
+    teacher = (
+        field(default_factory=spec("teacher")) if "teacher" in adapters else field(default=None)
+    )
     return make_dataclass(
         "Config",
         [
             ("data", data, field(default_factory=data)),
-            ("teacher", Optional[teacher_spec], teacher),
+            ("teacher", Optional[AdapterSpec], teacher),
             ("student", AdapterSpec, field(default_factory=spec("student"))),
             (
                 "teachers",
