@@ -37,6 +37,9 @@ def build_adapter(spec: DictConfig | AdapterSpec, *, key: str = "student") -> Ad
     adapter_cls = ADAPTERS.get(spec.adapter, key=f"{key}.adapter")
     with settings_at(key):  # a wrong setting, as the adapter reports it, named at its key
         adapter = adapter_cls(spec, key=key)
+    # a new model trains, like any new nn.Module: transformers' from_pretrained returns its model
+    # in eval mode, which would fine-tune a pretrained text encoder with its dropout off
+    adapter.train()
     if not adapter_cls.__module__.startswith("mmkd."):  # a plugin: its encoder is unchecked
         probe_encoder(adapter, key)
     if spec.weights:

@@ -74,6 +74,26 @@ def test_keep_layers_copies_the_chosen_teacher_layers(tiny_bert: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("keep_layers", [None, [0, 2, 4]])
+def test_a_pretrained_text_encoder_is_built_in_train_mode(
+    tiny_bert: Path, keep_layers: list[int] | None
+) -> None:
+    """from_pretrained hands its model over in eval mode; a student built from it must train
+    with its dropout on (Lightning does not switch modules to train mode for us)."""
+    spec = tiny_spec(
+        "text",
+        text__model=str(tiny_bert),
+        text__pretrained=True,
+        text__config_overrides=SAME,
+        text__keep_layers=keep_layers,
+    )
+    adapter = build_adapter(spec)
+    assert [name for name, m in adapter.named_modules() if not m.training] == []
+    spec.freeze_encoder = True  # a frozen encoder stays in eval mode, its head trains
+    frozen = build_adapter(spec).train()
+    assert not frozen.encoder.training and frozen.head.training
+
+
 def test_keep_layers_rejects_bad_indices(tiny_bert: Path) -> None:
     spec = tiny_spec(
         "text",
